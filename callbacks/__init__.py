@@ -1,0 +1,6 @@
+"""Training callbacks: image grids, artifact export, sampler validation with metrics."""
+
+from callbacks.export import ExportArtifact
+from callbacks.image_grid import ImageGridLogger
+
+__all__ = ["ExportArtifact", "ImageGridLogger"]

@@ -1,0 +1,358 @@
+"""The shared base of every fine-tuning method.
+
+The base owns what all methods share: the components, the diffusion loss (noise,
+timestep, epsilon or v target from the scheduler config, prior preservation, optional
+subject mask), caching of what is frozen (VAE latents, prompt embeddings), optimizer and
+LR scheduler, and the artifact protocol. A method overrides three things:
+
+- :meth:`configure_trainable` — what trains (freeze all, then unfreeze or inject);
+- :meth:`encode_prompts` — how prompts become conditionings (new tokens, step-wise
+  embeddings) — only if the default text encoder call is not enough;
+- :meth:`save_artifact_files` / :meth:`load_artifact_files` — only what it trained.
+
+Every method is also a :class:`components.personalized.PersonalizedModel`, so samplers,
+callbacks and evaluation take the module itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from components.loader import DiffusionComponents, load_components
+from components.personalized import encode_text, fill, tokenize
+
+ARTIFACT_MANIFEST = "personalize.json"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _seed_of(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class PersonalizationModule(L.LightningModule):
+    """Base LightningModule of the fine-tuning methods.
+
+    Args:
+        pretrained_model: base model: a diffusers pipeline folder, a hub id
+            (``stabilityai/stable-diffusion-2-base``) or a tiny preset (``tiny``, ``tiny-v``).
+        placeholder: the word standing for the concept (linked from the DataModule).
+        superclass: the concept's class word (linked from the DataModule).
+        learning_rate: learning rate of the default AdamW (ignored when ``optimizer`` is set).
+        weight_decay: weight decay of the default AdamW.
+        optimizer: optional optimizer factory (LightningCLI: ``class_path``/``init_args``).
+        lr_scheduler: optional LR scheduler factory; stepped every optimizer step.
+        lr_warmup_steps: linear warm-up steps of the default constant schedule.
+        prior_loss_weight: weight of the prior-preservation loss (class images).
+        masked_loss: weight the instance loss by the subject mask (``‖M⊙(ε̂−ε)‖²``).
+        cache_latents: cache VAE latent distributions of deterministic images.
+        cache_text: cache prompt embeddings while nothing on the text side trains.
+        frozen_dtype: dtype of fully frozen modules (``fp32``, ``bf16``, ``fp16``);
+            trainable parameters always stay fp32 (use ``Trainer(precision=...)`` for
+            mixed precision compute).
+        gradient_checkpointing: trade compute for memory in the UNet (and the text
+            encoder when it trains).
+        seed: seed of the noise and timesteps; step ``k`` always draws the same ones,
+            so a resumed run continues exactly.
+    """
+
+    #: the default learning rate of a method (the paper's SD value), overridable
+    default_learning_rate: float = 5e-6
+
+    def __init__(
+        self,
+        pretrained_model: str = "tiny",
+        placeholder: str = "sks",
+        superclass: str = "",
+        learning_rate: float | None = None,
+        weight_decay: float = 1e-2,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_warmup_steps: int = 0,
+        prior_loss_weight: float = 1.0,
+        masked_loss: bool = False,
+        cache_latents: bool = True,
+        cache_text: bool = True,
+        frozen_dtype: str = "fp32",
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if frozen_dtype not in _DTYPES:
+            raise ValueError(f"frozen_dtype={frozen_dtype!r}: choose one of {sorted(_DTYPES)}.")
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.learning_rate = self.default_learning_rate if learning_rate is None else learning_rate
+        self.placeholder, self.superclass = placeholder, superclass
+        self.strict_loading = False  # checkpoints hold only what trains (see on_save_checkpoint)
+
+        c = load_components(pretrained_model)
+        self.tokenizer, self.noise_scheduler = c.tokenizer, c.scheduler
+        self.text_encoder, self.unet, self.vae = c.text_encoder, c.unet, c.vae
+        for m in (self.text_encoder, self.unet, self.vae):
+            m.requires_grad_(False)
+            m.eval()
+        self.configure_trainable()
+        self._cast_frozen(_DTYPES[frozen_dtype])
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.text_trainable:
+                self.text_encoder.gradient_checkpointing_enable()
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ method hooks
+
+    def configure_trainable(self) -> None:
+        """Unfreeze or inject what this method trains. Everything starts frozen."""
+        raise NotImplementedError
+
+    @property
+    def concept_phrase(self) -> str:
+        """The words standing for the concept in prompts (slot ``{}`` of a template)."""
+        return f"{self.placeholder} {self.superclass}".strip()
+
+    timestep_dependent = False
+
+    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
+        """(B, L, D) conditionings of fully written prompts (PersonalizedModel)."""
+        return encode_text(self.tokenizer, self.text_encoder, prompts)
+
+    def encode_training_prompts(self, prompts: Sequence[str], timesteps: torch.Tensor) -> torch.Tensor:
+        """Conditionings for a training batch; cached while the text side is frozen."""
+        if self.timestep_dependent:
+            return torch.cat([self.encode_prompts([p], int(t)) for p, t in zip(prompts, timesteps)])
+        if not (self.hparams.cache_text and not self.text_trainable):
+            return self.encode_prompts(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                for p, e in zip(missing, self.encode_prompts(missing)):
+                    self._text_cache[p] = e
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def save_artifact_files(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def load_artifact_files(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups; one group of all trainable parameters by default."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    # ------------------------------------------------------------------ components
+
+    @property
+    def components(self) -> DiffusionComponents:
+        return DiffusionComponents(self.tokenizer, self.text_encoder, self.unet, self.vae, self.noise_scheduler,
+                                   source=self.hparams.pretrained_model)
+
+    @property
+    def text_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.text_encoder.parameters())
+
+    def trainable_state_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _cast_frozen(self, dtype: torch.dtype) -> None:
+        for m in (self.text_encoder, self.unet, self.vae):
+            if m.dtype != dtype and not any(p.requires_grad for p in m.parameters()):
+                m.to(dtype=dtype)
+
+    # ------------------------------------------------------------------ the loss
+
+    def _generator(self, *salt: Any) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(_seed_of(self.hparams.seed, *salt))
+
+    @torch.no_grad()
+    def encode_latents(self, pixel_values: torch.Tensor, cache_keys: Sequence[str], generator: torch.Generator):
+        """VAE latents × scaling factor, (B, C, h, w); latent distributions of images
+        with a cache key are computed once."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        keys = list(cache_keys) if self.hparams.cache_latents else [""] * len(pixel_values)
+        todo = [i for i, k in enumerate(keys) if not k or k not in self._latent_cache]
+        mean_std: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if todo:
+            dist = self.vae.encode(pixel_values[todo].to(vae_dtype)).latent_dist
+            for j, i in enumerate(todo):
+                mean_std[i] = (dist.mean[j].float(), dist.std[j].float())
+                if keys[i]:
+                    self._latent_cache[keys[i]] = mean_std[i]
+        for i, k in enumerate(keys):
+            if i not in mean_std:
+                mean_std[i] = self._latent_cache[k]
+        mean = torch.stack([mean_std[i][0] for i in range(len(keys))])
+        std = torch.stack([mean_std[i][1] for i in range(len(keys))])
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return (mean + std * eps) * self.vae.config.scaling_factor
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Denoising loss of one batch; returns ``loss`` and its parts."""
+        latents = self.encode_latents(batch["pixel_values"], batch["cache_keys"], generator)  # (B, 4, h, w)
+        bsz = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,),
+                                  generator=generator, device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prompts = [fill(t, self.superclass if prior else self.concept_phrase)
+                   for t, prior in zip(batch["templates"], batch["is_prior"].tolist())]
+        cond = self.encode_training_prompts(prompts, timesteps)  # (B, L, D)
+        unet_dtype = self.unet.dtype
+        pred = self.unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype)).sample
+        if self.noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        elif self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"Unsupported prediction_type {self.noise_scheduler.config.prediction_type!r}.")
+        err = (pred.float() - target.float()).pow(2)  # (B, 4, h, w)
+        prior = batch["is_prior"].to(err.device)
+        inst = ~prior
+        if self.hparams.masked_loss:
+            # ‖M⊙(ε̂−ε)‖²: the subject mask at latent resolution weights the instance loss
+            m = F.interpolate(batch["masks"].to(err), size=err.shape[-2:], mode="area")[inst]  # (b, 1, h, w)
+            loss_inst = (err[inst] * m).sum() / (m.sum() * err.shape[1]).clamp_min(1.0)
+        else:
+            loss_inst = err[inst].mean()
+        out = {"loss_instance": loss_inst}
+        loss = loss_inst
+        if prior.any():
+            out["loss_prior"] = err[prior].mean()
+            loss = loss + self.hparams.prior_loss_weight * out["loss_prior"]
+        out["loss"] = loss + self.regularization_loss()
+        return out
+
+    def regularization_loss(self) -> torch.Tensor | float:
+        """An extra loss term of the method (HiFi Tuner's parameter regularization)."""
+        return 0.0
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        g = self._generator("train", self.global_step, self.global_rank)
+        out = self.diffusion_loss(batch, g)
+        bsz = len(batch["templates"])
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False, batch_size=bsz)
+        self.log("train_loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=bsz)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # fixed noise and timesteps, so val/loss is comparable across epochs
+        out = self.diffusion_loss(batch, self._generator("val", batch_idx))
+        self.log("val/loss", out["loss"], sync_dist=True, batch_size=len(batch["templates"]))
+        return out["loss"]
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.diffusion_loss(batch, self._generator("test", batch_idx))
+        self.log("test/loss", out["loss"], sync_dist=True, batch_size=len(batch["templates"]))
+        return out["loss"]
+
+    def configure_optimizers(self):
+        groups = [g for g in self.parameter_groups() if g["params"]]
+        if not groups:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters: check its configuration.")
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(groups)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.hparams.weight_decay)
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
+            warmup = max(self.hparams.lr_warmup_steps, 0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # frozen modules stay in eval mode (no dropout) while the module trains
+        for m in (self.text_encoder, self.unet, self.vae):
+            if not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only what trains goes into the checkpoint: the frozen base reloads from its source.
+        keep = self.trainable_state_keys() | set(self.extra_state_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def extra_state_keys(self) -> list[str]:
+        """Non-parameter state-dict entries a method needs in its checkpoints."""
+        return []
+
+    # ------------------------------------------------------------------ artifacts
+
+    def save_artifact(self, folder: str | os.PathLike) -> Path:
+        """Write only what was trained, plus ``personalize.json`` naming the method."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.save_artifact_files(folder)
+        manifest = {
+            "method": f"{type(self).__module__}.{type(self).__qualname__}",
+            "pretrained_model": self.hparams.pretrained_model,
+            "placeholder": self.placeholder,
+            "superclass": self.superclass,
+            "concept_phrase": self.concept_phrase,
+            "init_args": self.artifact_init_args(),
+        }
+        (folder / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return folder
+
+    def artifact_init_args(self) -> dict:
+        """Constructor arguments needed to rebuild the module before loading its files."""
+        return {}
+
+    def load_artifact(self, folder: str | os.PathLike) -> "PersonalizationModule":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Artifact folder {folder} does not exist.")
+        self.load_artifact_files(folder)
+        self._text_cache.clear()
+        return self
+
+
+def read_artifact_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / ARTIFACT_MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{folder} is not an artifact folder: {ARTIFACT_MANIFEST} is missing. Artifacts are written by "
+            "ExportArtifact at the end of training, or by module.save_artifact(folder)."
+        )
+    return json.loads(path.read_text())
+
+
+def load_personalized(base_source: str | None = None, artifact: str | os.PathLike | None = None, **overrides):
+    """A :class:`~components.personalized.PersonalizedModel` for sampling and evaluation.
+
+    ``artifact``: a folder written by any method's ``save_artifact``; its manifest names
+    the method class, which is rebuilt on ``base_source`` (default: the base model the
+    artifact was trained on) and loads the artifact. Without an artifact, the plain base
+    model (:class:`~components.personalized.BaseModel`).
+    """
+    from components.personalized import BaseModel
+
+    if artifact is None:
+        if base_source is None:
+            raise ValueError("Give a base model (hub id, folder, 'tiny') or an artifact folder.")
+        kw = {k: v for k, v in overrides.items() if k in ("superclass", "placeholder")}
+        return BaseModel(load_components(base_source), **kw)
+    manifest = read_artifact_manifest(artifact)
+    module_name, _, cls_name = manifest["method"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    kwargs = dict(manifest.get("init_args", {}))
+    kwargs.update(pretrained_model=base_source or manifest["pretrained_model"],
+                  placeholder=manifest["placeholder"], superclass=manifest["superclass"])
+    kwargs.update(overrides)
+    model = cls(**kwargs)
+    model.load_artifact(artifact)
+    return model.eval()

@@ -1,0 +1,68 @@
+"""Textual Inversion (Gal et al., 2023): learn the embedding of one new token (or a few
+vectors of it) while the whole model stays frozen.
+
+Artifact: ``learned_embeds.safetensors`` with one key, the placeholder, holding a
+(num_vectors, D) tensor — the format of diffusers' ``load_textual_inversion``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.personalized import encode_text
+from lightning_modules.base import PersonalizationModule
+from lightning_modules.tokens import add_tokens, expand_placeholder
+
+EMBEDS_FILE = "learned_embeds.safetensors"
+
+
+class TextualInversion(PersonalizationModule):
+    """Textual Inversion.
+
+    Args:
+        num_vectors: vectors of the new token (diffusers' multi-vector convention:
+            ``<p>``, ``<p>_1``, ...).
+        initializer_token: word whose embedding initialises the vectors (default: the
+            superclass word).
+        include_superclass: write the concept as ``"<p> dog"`` (True) or ``"<p>"`` alone.
+        **kwargs: see :class:`~lightning_modules.base.PersonalizationModule`.
+    """
+
+    default_learning_rate = 5e-3  # Textual Inversion, SD (diffusers example: 5e-4 x batch scaling)
+
+    def __init__(self, *args, num_vectors: int = 1, initializer_token: str | None = None,
+                 include_superclass: bool = False, **kwargs):
+        if num_vectors < 1:
+            raise ValueError(f"num_vectors={num_vectors}: a token needs at least one vector.")
+        self.num_vectors, self.initializer_token, self.include_superclass = num_vectors, initializer_token, include_superclass
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+
+    def configure_trainable(self) -> None:
+        init = self.initializer_token or (self.superclass.split()[0] if self.superclass else None)
+        self.token_embedding = add_tokens(self.tokenizer, self.text_encoder, self.placeholder, self.num_vectors, init)
+
+    @property
+    def concept_phrase(self) -> str:
+        return f"{self.placeholder} {self.superclass}".strip() if self.include_superclass else self.placeholder
+
+    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
+        prompts = [expand_placeholder(p, self.placeholder, self.num_vectors) for p in prompts]
+        return encode_text(self.tokenizer, self.text_encoder, prompts)
+
+    def artifact_init_args(self) -> dict:
+        return {"num_vectors": self.num_vectors, "include_superclass": self.include_superclass}
+
+    def save_artifact_files(self, folder: Path) -> None:
+        save_file({self.placeholder: self.token_embedding.new.detach().float().cpu().contiguous()}, str(folder / EMBEDS_FILE))
+
+    def load_artifact_files(self, folder: Path) -> None:
+        state = load_file(str(folder / EMBEDS_FILE))
+        if self.placeholder not in state:
+            raise KeyError(f"{folder / EMBEDS_FILE} holds {sorted(state)}, not the placeholder {self.placeholder!r}.")
+        with torch.no_grad():
+            self.token_embedding.new.copy_(state[self.placeholder].reshape(self.token_embedding.new.shape))

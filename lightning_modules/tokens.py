@@ -1,0 +1,89 @@
+"""New tokens for a frozen text encoder: the vocabulary grows, the old rows never change.
+
+:class:`ExtendedEmbedding` wraps the text encoder's token embedding: ids of the original
+vocabulary read the frozen table, ids of added tokens read a small trainable matrix.
+Only the new rows are parameters that train, so every original row stays bit-identical
+(no gradient masking, no weight decay leaking into frozen rows) and checkpoints hold only
+the new vectors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+
+class ExtendedEmbedding(nn.Module):
+    def __init__(self, base: nn.Embedding, init: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.num_base = base.num_embeddings
+        self.new = nn.Parameter(init.detach().clone().float())  # (n_new, D), kept in fp32
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full (vocab, D) table, as an ``nn.Embedding`` exposes it."""
+        return torch.cat([self.base.weight, self.new.to(self.base.weight.dtype)])
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.num_base + self.new.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.num_base  # (B, L)
+        out = self.base(input_ids.clamp(max=self.num_base - 1))  # (B, L, D)
+        if is_new.any():
+            new = self.new[(input_ids - self.num_base).clamp(min=0)].to(out.dtype)
+            out = torch.where(is_new[..., None], new, out)
+        return out
+
+
+def token_names(placeholder: str, num_vectors: int) -> list[str]:
+    """``<p>``, ``<p>_1``, ... — the multi-vector naming diffusers' loader expects."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+def add_tokens(tokenizer, text_encoder, placeholder: str, num_vectors: int = 1,
+               initializer: str | None = None) -> ExtendedEmbedding:
+    """Add ``num_vectors`` tokens for ``placeholder`` and wrap the token embedding.
+
+    The new vectors start from the embedding of ``initializer`` (its first token), or
+    from the mean embedding of the vocabulary when no initializer word is given.
+    """
+    names = token_names(placeholder, num_vectors)
+    clash = [t for t in names if t in tokenizer.get_vocab()]
+    if clash:
+        raise ValueError(
+            f"Placeholder {clash[0]!r} is already a token of the tokenizer: a new token must be a new string. "
+            "Choose another placeholder, e.g. '<my-concept>'."
+        )
+    embeddings = text_encoder.get_input_embeddings()
+    if isinstance(embeddings, ExtendedEmbedding):
+        raise ValueError("This text encoder already has added tokens; add all tokens in one call.")
+    if initializer:
+        ids = tokenizer(initializer, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"Initializer word {initializer!r} tokenizes to nothing; choose a word such as the superclass.")
+        init_vec = embeddings.weight[ids[0]]
+    else:
+        init_vec = embeddings.weight.mean(0)
+    if tokenizer.add_tokens(names) != num_vectors:
+        raise ValueError(f"Could not add tokens {names} to the tokenizer.")
+    ext = ExtendedEmbedding(embeddings, init_vec.expand(num_vectors, -1))
+    text_encoder.set_input_embeddings(ext)
+    text_encoder.config.vocab_size = ext.num_embeddings
+    return ext
+
+
+def expand_placeholder(prompt: str, placeholder: str, num_vectors: int) -> str:
+    """Write a multi-vector placeholder as its tokens: ``<p>`` -> ``<p> <p>_1 <p>_2``."""
+    if num_vectors <= 1:
+        return prompt
+    pattern = re.escape(placeholder) + r"(?!_\d)"  # leave already expanded tokens alone
+    return re.sub(pattern, " ".join(token_names(placeholder, num_vectors)), prompt)
