@@ -185,9 +185,12 @@ class PersonalizationModule(L.LightningModule):
         keys = list(cache_keys) if self.hparams.cache_latents else [""] * len(pixel_values)
         todo = [i for i, k in enumerate(keys) if not k or k not in self._latent_cache]
         mean_std: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if todo:
-            dist = self.vae.encode(pixel_values[todo].to(vae_dtype)).latent_dist
-            for j, i in enumerate(todo):
+        # Cacheable images are encoded one at a time, so a cached latent never depends on
+        # which other images shared its batch (a resumed run then matches bit for bit).
+        groups = [[i] for i in todo if keys[i]] + ([[i for i in todo if not keys[i]]] if any(not keys[i] for i in todo) else [])
+        for group in groups:
+            dist = self.vae.encode(pixel_values[group].to(vae_dtype)).latent_dist
+            for j, i in enumerate(group):
                 mean_std[i] = (dist.mean[j].float(), dist.std[j].float())
                 if keys[i]:
                     self._latent_cache[keys[i]] = mean_std[i]
@@ -204,8 +207,7 @@ class PersonalizationModule(L.LightningModule):
         latents = self.encode_latents(batch["pixel_values"], batch["cache_keys"], generator)  # (B, 4, h, w)
         bsz = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,),
-                                  generator=generator, device=latents.device)
+        timesteps = self.sample_timesteps(bsz, generator, latents.device)  # (B,)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prompts = [fill(t, self.superclass if prior else self.concept_phrase)
                    for t, prior in zip(batch["templates"], batch["is_prior"].tolist())]
@@ -234,6 +236,11 @@ class PersonalizationModule(L.LightningModule):
             loss = loss + self.hparams.prior_loss_weight * out["loss_prior"]
         out["loss"] = loss + self.regularization_loss()
         return out
+
+    def sample_timesteps(self, bsz: int, generator: torch.Generator, device) -> torch.Tensor:
+        """(B,) training timesteps, uniform over the scheduler's; a method may pick its own
+        (HiFi Tuner's step-wise phase trains at one DDIM timestep at a time)."""
+        return torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=device)
 
     def regularization_loss(self) -> torch.Tensor | float:
         """An extra loss term of the method (HiFi Tuner's parameter regularization)."""

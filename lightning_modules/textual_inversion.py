@@ -44,7 +44,12 @@ class TextualInversion(PersonalizationModule):
 
     def configure_trainable(self) -> None:
         init = self.initializer_token or (self.superclass.split()[0] if self.superclass else None)
-        self.token_embedding = add_tokens(self.tokenizer, self.text_encoder, self.placeholder, self.num_vectors, init)
+        add_tokens(self.tokenizer, self.text_encoder, self.placeholder, self.num_vectors, init)
+
+    @property
+    def token_embedding(self):
+        """The text encoder's :class:`~lightning_modules.tokens.ExtendedEmbedding`."""
+        return self.text_encoder.get_input_embeddings()
 
     @property
     def concept_phrase(self) -> str:

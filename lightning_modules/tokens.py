@@ -57,7 +57,9 @@ def add_tokens(tokenizer, text_encoder, placeholder: str, num_vectors: int = 1,
     from the mean embedding of the vocabulary when no initializer word is given.
     """
     names = token_names(placeholder, num_vectors)
-    clash = [t for t in names if t in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()
+    # a clash: the exact string is a token, or the word already tokenizes to one token
+    clash = [t for t in names if t in vocab or len(tokenizer(t, add_special_tokens=False).input_ids) == 1]
     if clash:
         raise ValueError(
             f"Placeholder {clash[0]!r} is already a token of the tokenizer: a new token must be a new string. "

@@ -1,0 +1,43 @@
+"""Shared test setup: offline W&B, one tiny-preset cache per test session, small threads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Set before anything imports wandb / builds the tiny preset; spawned worker processes
+# (DDP tests) inherit these.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PERSONALIZE_CACHE", os.path.join(tempfile.gettempdir(), "personalize-test-cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder():
+    """The tiny preset as a diffusers pipeline folder (built once per cache)."""
+    from components.loader import tiny_preset_folder
+
+    return tiny_preset_folder()
+
+
+@pytest.fixture
+def demo_dm():
+    from datamodules.concept import ConceptDataModule
+
+    return ConceptDataModule(concept_dir="demo", resolution=32, batch_size=2)
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer that prints and writes nothing unless asked."""
+    import lightning as L
+
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
