@@ -159,3 +159,27 @@ def test_masked_loss_has_no_gradient_outside_the_mask(demo_dm):
     grad = captured["pred"].grad  # (B, 4, 8, 8)
     assert grad[..., 4:, :].abs().max() == 0
     assert grad[..., :4, :].abs().min() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(demo_dm):
+    demo_dm.setup("fit")
+    batch = next(iter(demo_dm.train_dataloader()))
+    grads = []
+    for ckpt in (False, True):
+        module = make(DreamBooth, {"train_text_encoder": True}, gradient_checkpointing=ckpt)
+        module.train()
+        module.diffusion_loss(batch, module._generator("g"))["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_keeps_trainable_parameters_fp32(demo_dm):
+    module = make(TextualInversion, {"placeholder": "<ball1>"}, frozen_dtype="bf16")
+    assert module.unet.dtype == module.vae.dtype == torch.bfloat16
+    before = module.token_embedding.new.detach().clone()
+    quiet_trainer(max_steps=2, precision="bf16-mixed").fit(module, demo_dm)
+    assert module.token_embedding.new.dtype == torch.float32
+    assert not torch.equal(module.token_embedding.new, before)
+    assert torch.isfinite(module.token_embedding.new).all()
