@@ -2,5 +2,6 @@
 
 from callbacks.export import ExportArtifact
 from callbacks.image_grid import ImageGridLogger
+from callbacks.sampling import SamplerValidation
 
-__all__ = ["ExportArtifact", "ImageGridLogger"]
+__all__ = ["ExportArtifact", "ImageGridLogger", "SamplerValidation"]

@@ -34,8 +34,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def log_grid(trainer: L.Trainer, key: str, grid: np.ndarray, caption: str, step: int) -> Path | None:
-    """Log a uint8 grid to every logger that takes images, and save it as a PNG."""
+def log_grid(trainer: L.Trainer, key: str, grid: np.ndarray, caption: str, step: int,
+             log_dir: str | Path | None = None) -> Path | None:
+    """Log a uint8 grid to every logger that takes images, and save it as a PNG.
+
+    ``log_dir``: where the PNG goes (default ``trainer.log_dir``). ``trainer.log_dir`` is a
+    collective under DDP (it broadcasts), so callers logging from rank 0 only must read it
+    on every rank first and pass it here.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     for logger in trainer.loggers:
@@ -43,7 +49,7 @@ def log_grid(trainer: L.Trainer, key: str, grid: np.ndarray, caption: str, step:
             logger.log_image(key=key, images=[Image.fromarray(grid)], caption=[caption], step=step)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, grid, global_step=step, dataformats="HWC")
-    out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "images"
+    out_dir = Path(log_dir or trainer.log_dir or trainer.default_root_dir) / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{key.replace('/', '_')}_step{step:06d}.png"
     Image.fromarray(grid).save(path)
@@ -70,14 +76,17 @@ class ImageGridLogger(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
         self._count += 1
-        if trainer.sanity_checking or not trainer.is_global_zero or (self._count - 1) % self.every_n_epochs:
+        log_dir = trainer.log_dir  # a collective under DDP: read on every rank
+        if not trainer.is_global_zero or (self._count - 1) % self.every_n_epochs:
             return
         templates = getattr(trainer.datamodule, "validation_templates", None) or ["a photo of {}"]
         prompts = [concept_prompt(pl_module, t) for t in templates[: self.num_prompts]]
         images = self.sample(pl_module, prompts)
         grid = make_grid(to_uint8(images), rows=len(prompts))
-        log_grid(trainer, "val/images", grid, " | ".join(prompts), trainer.global_step)
+        log_grid(trainer, "val/images", grid, " | ".join(prompts), trainer.global_step, log_dir=log_dir)
 
     def sample(self, pl_module, prompts: list[str]) -> torch.Tensor:
         c = pl_module.components

@@ -28,6 +28,9 @@ nearest to ``timestep`` (eq. 7); ``timestep_dependent`` tells samplers to ask pe
 
 Artifact: ``hifi_embeddings.safetensors`` with ``global`` (n, D) and, with step-wise
 embeddings, ``stepwise`` (S, n, D) and ``timesteps`` (S,).
+
+Multi-GPU: all but one embedding are unused at every step, so DDP needs
+``strategy: ddp_find_unused_parameters_true``.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ class HiFiTextualInversion(PersonalizationModule):
 
     Args:
         num_tokens: n, the number of learned vectors (paper: 5).
-        reg_weight: w_s of eq. 6. The paper gives no value; the default keeps the term
-            of the order of the diffusion loss for a drift of ~0.5 per element.
+        reg_weight: w_s of eq. 6. The paper gives no value; the default makes the term
+            of the order of the diffusion loss (~0.1) when c_s has drifted by ~0.5 per
+            element on SD (n·D = 5·1024).
         stepwise: learn one embedding per DDIM step after the global phase.
         global_steps: optimizer steps of the global phase (paper: 1000).
         num_ddim_steps: DDIM steps S of the step-wise phase (paper: 50).
@@ -122,12 +126,10 @@ class HiFiTextualInversion(PersonalizationModule):
     def stepwise_table(self) -> torch.Tensor:
         """(S, n, D): c_s^{t_k} per DDIM step; steps not trained yet repeat the last trained
         one (Algorithm 1's initialisation c_s^t = c_s^{t+1}), or c_s if none is."""
-        started = int(self.phases_started)
-        rows = [self.stepwise_embeddings[k] if k < started else None for k in range(self.num_ddim_steps)]
-        last = self.global_embedding
-        for k, row in enumerate(rows):
-            last = row if row is not None else last
-            rows[k] = last
+        started, rows, last = int(self.phases_started), [], self.global_embedding
+        for k in range(self.num_ddim_steps):
+            last = self.stepwise_embeddings[k] if k < started else last
+            rows.append(last)
         return torch.stack(rows)
 
     def embedding_at(self, timestep: int | None) -> torch.Tensor:
@@ -168,12 +170,15 @@ class HiFiTextualInversion(PersonalizationModule):
         """Training: the embedding of the current phase; evaluation: that of each timestep.
         The frozen text encoder's outputs are cached; c_s is substituted after (with grad)."""
         texts, marked = self._split_marked(prompts)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                for t, e in zip(missing, encode_text(self.tokenizer, self.text_encoder, missing)):
-                    self._text_cache[t] = e
-        c = torch.stack([self._text_cache[t] for t in texts])  # (B, L, D)
+        if self.hparams.cache_text:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+            if missing:
+                with torch.no_grad():
+                    for t, e in zip(missing, encode_text(self.tokenizer, self.text_encoder, missing)):
+                        self._text_cache[t] = e
+            c = torch.stack([self._text_cache[t] for t in texts])  # (B, L, D)
+        else:
+            c = encode_text(self.tokenizer, self.text_encoder, texts)  # (B, L, D)
         if self.training:
             return self.substitute(c, marked, self.training_embedding())
         return torch.cat([self.substitute(c[i:i + 1], marked[i:i + 1], self.embedding_at(int(t)))

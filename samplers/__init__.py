@@ -1,0 +1,39 @@
+"""Sampling strategies for personalized diffusion over one shared DDIM loop.
+
+    from samplers import build_sampler
+    sampler = build_sampler("mixed", num_steps=50, guidance_concept=3.5, guidance_superclass=3.5)
+    out = sampler.sample(model, ["a {} on the beach"], num_images=4, seed=0)
+    out.images, out.cost   # (N, 3, H, W) in [0, 1]; UNet evaluations per image, largest UNet batch
+
+``model`` is any components.personalized.PersonalizedModel: the plain base model or any
+fine-tuning method's artifact. Strategies: concept (eq. 4), superclass (eq. 5), mixed
+(eq. 6), switching (eq. 7), multistage (eq. 8), masked (eqs. 9-11), profusion, photoswap.
+"""
+
+from samplers.base import SampleOutput, Sampler, scale_at
+from samplers.guidance import ConceptSampler, MixedSampler, MultiStageSampler, SuperclassSampler, SwitchingSampler
+from samplers.masked import MaskedSampler
+from samplers.photoswap import PhotoswapSampler
+from samplers.profusion import ProFusionSampler
+from samplers.registry import SAMPLERS, build_sampler, load_sampler_config, register, sampler_from_config
+from samplers.seeding import initial_latents
+
+__all__ = [
+    "SAMPLERS",
+    "SampleOutput",
+    "Sampler",
+    "build_sampler",
+    "initial_latents",
+    "load_sampler_config",
+    "register",
+    "sampler_from_config",
+    "scale_at",
+    "ConceptSampler",
+    "SuperclassSampler",
+    "MixedSampler",
+    "SwitchingSampler",
+    "MultiStageSampler",
+    "MaskedSampler",
+    "ProFusionSampler",
+    "PhotoswapSampler",
+]

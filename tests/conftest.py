@@ -15,7 +15,7 @@ os.environ.setdefault("PERSONALIZE_CACHE", os.path.join(tempfile.gettempdir(), "
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: threads cost more than they bring, and DDP tests spawn more
 
 
 @pytest.fixture(scope="session")

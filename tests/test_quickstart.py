@@ -19,8 +19,11 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
     out = tmp_path / "outputs" / "quickstart"  # the config's relative paths, under cwd
     args = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
             "--trainer.max_epochs", "2", "--data.repeats", "4"]
-    proc = subprocess.run(args, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=600)
+    # a W&B run started earlier in this pytest process leaves service variables in the
+    # environment; the child must start its own service
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") or k in ("WANDB_MODE", "WANDB_SILENT")}
+    proc = subprocess.run(args, cwd=tmp_path, env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = run_dir(out)
     losses = metric_values(run, "train/loss")

@@ -1,0 +1,189 @@
+"""Time per image of every sampler relative to concept sampling, next to its UNet work.
+
+    python benchmarks/bench_samplers.py                                  # tiny preset, CPU
+    python benchmarks/bench_samplers.py --model sd2-base-random --device cuda --dtype float16
+
+The time ratio should track the ratio of UNet evaluations (mixed 1.5x concept, ProFusion
+2.5x, Photoswap 1.4x with the study's defaults): the shared loop adds nothing measurable
+beyond the UNet work. A second, instrumented pass splits each sampler's time into the
+UNet, the text encoder, the VAE decoder and the rest (the loop itself).
+
+``--model`` takes ``tiny``, ``sd2-base-random`` (Stable Diffusion 2 base sized components
+with random weights: 865M-parameter UNet at 64x64 latents, nothing to download) or any
+model folder / hub id the loader reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.loader import DiffusionComponents, load_components  # noqa: E402
+from components.personalized import BaseModel  # noqa: E402
+from samplers import SAMPLERS, build_sampler  # noqa: E402
+
+TEMPLATES = ["a {} on the beach", "a {} in the snow", "a red {}", "a {} with a city in the background"]
+
+
+def sd2_base_random(device, dtype) -> DiffusionComponents:
+    """Stable Diffusion 2 base sized components with random weights, built on ``device``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from components.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    with torch.device(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    scheduler.register_to_config(set_alpha_to_one=False)
+    components = DiffusionComponents(tokenizer, text_encoder, unet, vae, scheduler, source="sd2-base-random")
+    for m in components.modules().values():
+        m.eval()
+    return components.to(dtype=dtype) if dtype != torch.float32 else components  # built on the device
+
+
+def study_settings(name: str, steps: int) -> dict:
+    """The study's defaults, with step counts (t_sw, t_sf, ...) scaled from 50 steps to ``steps``."""
+    params = inspect.signature(SAMPLERS[name].__init__).parameters
+    settings = {"num_steps": steps}
+    for key, p in params.items():
+        if key.startswith("t_"):
+            settings[key] = round(p.default * steps / 50)
+    return settings
+
+
+def clock_for(device: torch.device):
+    """CPU: this process's CPU time, so that other processes sharing the cores do not
+    count (run with --threads 1 to keep it equal to the work done). CUDA: wall time."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
+class Stopwatch:
+    """Forward-hook timers per module (synchronising the device around each call)."""
+
+    def __init__(self, modules: dict, device: torch.device):
+        self.device, self.total, self.handles = device, {k: 0.0 for k in modules}, []
+        self.clock = clock_for(device)
+        for key, module in modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._start(key)))
+            self.handles.append(module.register_forward_hook(self._stop(key)))
+        self._t0 = {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _start(self, key):
+        def hook(module, args):
+            self._sync()
+            self._t0[key] = self.clock()
+        return hook
+
+    def _stop(self, key):
+        def hook(module, args, out):
+            self._sync()
+            self.total[key] += self.clock() - self._t0[key]
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def timed(fn, device) -> float:
+    clock = clock_for(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = clock()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clock() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, sd2-base-random, or a model folder / hub id")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--images", type=int, default=8, help="images per sampler run")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per sampler (the fastest is reported: least disturbed by other load)")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.model == "sd2-base-random":
+        components = sd2_base_random(device, dtype)
+    else:
+        components = load_components(args.model, torch_dtype=None if dtype == torch.float32 else dtype)
+        for module in components.modules().values():
+            module.to(device)
+    model = BaseModel(components, superclass="dog")
+    templates = (TEMPLATES * args.images)[: max(1, min(len(TEMPLATES), args.images))]
+    per_template = -(-args.images // len(templates))
+    names = ["concept"] + [n for n in args.samplers if n != "concept"]
+
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    print(f"# {args.model} on {device} ({args.dtype}), {clock}, {args.steps} DDIM steps, {len(templates) * per_template} "
+          f"images per run, batch {args.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
+    rows = []
+    for name in names:
+        sampler = build_sampler(name, **study_settings(name, args.steps))
+
+        def run():
+            return sampler.sample(model, templates, num_images=per_template, seed=0, batch_size=args.batch_size)
+
+        out = run()  # warm-up; also gives the cost
+        n = out.images.shape[0]
+        seconds = min(timed(run, device) for _ in range(args.repeats)) / n
+        watch = Stopwatch({"unet": components.unet, "text": components.text_encoder, "vae": components.vae.decoder},
+                          device)
+        total = timed(run, device)
+        watch.remove()
+        share = {k: v / total for k, v in watch.total.items()}
+        rows.append((name, out.cost, seconds, share))
+
+    base_evals, base_time = rows[0][1]["unet_evals_per_image"], rows[0][2]
+    print(f"{'sampler':<11} {'UNet evals/img':>14} {'eval ratio':>10} {'max batch':>9} {'ms/img':>9} "
+          f"{'time ratio':>10} {'UNet':>6} {'text':>6} {'VAE':>6} {'loop':>6}")
+    for name, cost, seconds, share in rows:
+        loop = 1 - sum(share.values())
+        print(f"{name:<11} {cost['unet_evals_per_image']:>14.0f} {cost['unet_evals_per_image'] / base_evals:>10.2f} "
+              f"{cost['max_unet_batch']:>9d} {seconds * 1e3:>9.1f} {seconds / base_time:>10.2f} "
+              f"{share['unet']:>6.0%} {share['text']:>6.0%} {share['vae']:>6.0%} {loop:>6.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Validation by sampling: every N steps or epochs, run each configured sampler on the
+validation prompts × image seeds, score the images with CLIP-I, CLIP-T and DINO, and log
+``val/<sampler>/clip_i``, ``val/<sampler>/clip_t``, ``val/<sampler>/dino`` and one image
+grid per sampler (rows prompts, columns seeds; uint8) to every logger of the trainer.
+
+The (prompt, seed) cells are sharded across ranks (rank r takes cells i % world == r);
+the metrics all-reduce their sums and counts, and rank 0 gathers the images for the
+grids. Afterwards the module is exactly as it was: per-module train/eval flags, parameter
+dtypes, the Python / NumPy / torch (CPU and CUDA) RNG states and the grad mode. A failure
+while sampling or scoring is reported as a warning and the training run goes on; the
+ranks agree on it first, so no rank waits in a collective that another one skipped.
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.SamplerValidation
+          init_args:
+            samplers: [{sampler: concept}, {sampler: mixed, guidance_concept: 3.5, guidance_superclass: 3.5}]
+            every_n_steps: 200
+            clip: openai/clip-vit-base-patch32
+            dino: facebook/dino-vits16
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+
+from callbacks.image_grid import log_grid, make_grid, to_uint8
+from metrics import DEFAULT_CLIP, DEFAULT_DINO, ConceptMetrics, ReferenceCache, load_clip_backbone, load_dino_backbone
+
+
+@dataclass
+class _Entry:
+    name: str  # the key in val/<name>/...
+    sampler: object
+
+
+def _build_entries(specs) -> list[_Entry]:
+    """Samplers from names, sampler YAML paths or flat mappings; validated now, before training."""
+    from samplers import build_sampler, load_sampler_config
+
+    entries, seen = [], {}
+    for spec in specs:
+        if isinstance(spec, str) and spec.endswith((".yaml", ".yml")):
+            name, settings = load_sampler_config(spec)
+            label = Path(spec).stem
+        elif isinstance(spec, str):
+            name, settings, label = spec, {}, spec
+        elif isinstance(spec, dict) and "sampler" in spec:
+            settings = {k: v for k, v in spec.items() if k not in ("sampler", "name")}
+            name, label = spec["sampler"], spec.get("name", spec["sampler"])
+        else:
+            raise ValueError(f"Sampler spec {spec!r}: give a name ('mixed'), a sampler YAML path, or "
+                             "a mapping {sampler: mixed, name: optional log name, <settings>...}.")
+        seen[label] = seen.get(label, 0) + 1
+        label = label if seen[label] == 1 else f"{label}_{seen[label]}"
+        entries.append(_Entry(label, build_sampler(name, **settings)))
+    if not entries:
+        raise ValueError("SamplerValidation needs at least one sampler, e.g. samplers: [concept].")
+    return entries
+
+
+class SamplerValidation(L.Callback):
+    """Sample, score and log every ``every_n_steps`` optimizer steps and/or ``every_n_epochs`` epochs.
+
+    Args:
+        samplers: names (``"mixed"``), sampler YAML paths, or mappings ``{sampler: mixed,
+            name: <log name>, <settings>}``. Built and validated at construction.
+        prompts: templates with a ``{}`` slot; None: the DataModule's ``validation_templates``.
+        num_prompts: keep the first N prompts (0: all); the grid rows.
+        num_images: image seeds per prompt; the grid columns.
+        seed: base seed; the latent of (prompt, image) is the same at every validation.
+        batch_size: images per UNet batch.
+        every_n_steps / every_n_epochs: when to run (0 or None: never on that count).
+        clip / dino: metric backbones (hub id, folder, ``"tiny"``); None skips them.
+        clip_backend, clip_t_text: see :class:`metrics.ConceptMetrics`.
+        reference_images: folder of the concept's real images; None: the DataModule's
+            concept images.
+        superclass: CLIP-T class word; None: the module's ``superclass``.
+        run_on_validate: also run at the end of ``trainer.validate``.
+    """
+
+    def __init__(
+        self,
+        samplers: list = ("concept",),
+        prompts: list[str] | None = None,
+        num_prompts: int = 4,
+        num_images: int = 4,
+        seed: int = 0,
+        batch_size: int = 8,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        clip: str | None = DEFAULT_CLIP,
+        dino: str | None = DEFAULT_DINO,
+        clip_backend: str = "transformers",
+        clip_t_text: str = "superclass",
+        reference_images: str | None = None,
+        superclass: str | None = None,
+        run_on_validate: bool = True,
+    ):
+        self.entries = _build_entries(list(samplers))
+        if prompts is not None and any("{}" not in p for p in prompts):
+            raise ValueError(f"Validation prompts need a '{{}}' slot for the subject: {[p for p in prompts if '{}' not in p][:3]}.")
+        if num_images < 1:
+            raise ValueError(f"num_images={num_images} must be >= 1.")
+        if not clip and not dino:
+            raise ValueError("SamplerValidation needs a metric backbone: set clip and/or dino (e.g. clip: tiny for tests).")
+        self.prompts, self.num_prompts, self.num_images = prompts, num_prompts, num_images
+        self.seed, self.batch_size = seed, batch_size
+        self.every_n_steps, self.every_n_epochs = every_n_steps or 0, every_n_epochs or 0
+        self.clip, self.dino, self.clip_backend, self.clip_t_text = clip, dino, clip_backend, clip_t_text
+        self.reference_images, self.superclass, self.run_on_validate = reference_images, superclass, run_on_validate
+        self._metrics: dict[str, ConceptMetrics] | None = None
+        self._cache = ReferenceCache()
+        self._reference_tensors: list[torch.Tensor] | None = None
+        self._last_step = -1
+        self.last_values: dict[str, float] = {}  # the values logged by the last run
+
+    # ------------------------------------------------------------------ when
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and trainer.global_step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.run_on_validate and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ what
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """One validation round; returns the logged metric values (all ranks)."""
+        self._last_step = trainer.global_step
+        world = trainer.world_size
+        local: dict = {}
+        failed = False
+        with preserved_state(pl_module):
+            try:
+                local = self._sample_and_score(trainer, pl_module)
+            except Exception:  # noqa: BLE001 - validation must never end the training run
+                failed = True
+                warnings.warn(f"SamplerValidation failed on rank {trainer.global_rank} at step {trainer.global_step}; "
+                              f"training goes on.\n{traceback.format_exc()}", stacklevel=2)
+            if _any_rank(failed, pl_module.device, world):
+                if not failed:
+                    rank_zero_warn("SamplerValidation skipped: validation failed on another rank.")
+                return {}
+            try:
+                return self._reduce_and_log(trainer, local, world)
+            except Exception:  # noqa: BLE001
+                rank_zero_warn(f"SamplerValidation could not log at step {trainer.global_step}; training goes on.\n{traceback.format_exc()}")
+                return {}
+
+    def templates(self, trainer) -> list[str]:
+        templates = self.prompts
+        if templates is None and trainer.datamodule is not None:
+            templates = getattr(trainer.datamodule, "validation_templates", None)
+        if not templates:
+            raise ValueError("SamplerValidation has no prompts: set prompts, or use a DataModule with validation_templates.")
+        return list(templates[: self.num_prompts] if self.num_prompts > 0 else templates)
+
+    def _reference(self, trainer):
+        if self.reference_images is not None:
+            return self.reference_images
+        if self._reference_tensors is not None:
+            return self._reference_tensors
+        dm = trainer.datamodule
+        images = getattr(dm, "concept_images", None) if dm is not None else None
+        if not images:
+            raise ValueError("SamplerValidation needs the concept's real images: set reference_images to their folder, "
+                             "or use a DataModule with concept_images.")
+        # ConceptImage (PIL) -> (3, H, W) float in [0, 1]
+        self._reference_tensors = [torch.from_numpy(np.asarray(c.image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255 for c in images]
+        return self._reference_tensors
+
+    def _build_metrics(self, device) -> dict[str, ConceptMetrics]:
+        clip = load_clip_backbone(self.clip, backend=self.clip_backend) if self.clip else None
+        dino = load_dino_backbone(self.dino) if self.dino else None
+        return {e.name: ConceptMetrics(clip=None, dino=None, clip_backend=self.clip_backend, clip_t_mode=self.clip_t_text,
+                                       cache=self._cache, clip_backbone=clip, dino_backbone=dino).to(device)
+                for e in self.entries}
+
+    @torch.no_grad()
+    def _sample_and_score(self, trainer, pl_module) -> dict:
+        """This rank's share: sample its cells with each sampler and update the metrics."""
+        if self._metrics is None:
+            self._metrics = self._build_metrics(pl_module.device)
+        templates = self.templates(trainer)
+        cells = [(t, i) for t in templates for i in range(self.num_images)]  # template-major: the grid order
+        mine = list(range(trainer.global_rank, len(cells), trainer.world_size))
+        reference = self._reference(trainer)
+        superclass = self.superclass or pl_module.superclass
+        pl_module.eval()
+        local = {"cells": len(cells), "rows": len(templates), "mine": mine, "images": {}, "cost": {}}
+        for e in self.entries:
+            metrics = self._metrics[e.name]
+            metrics.to(pl_module.device)
+            metrics.set_concept(reference, superclass)  # embeddings cached after the first time
+            if not mine:
+                continue
+            out = e.sampler.sample_cells(pl_module, [cells[k] for k in mine], seed=self.seed, batch_size=self.batch_size)
+            metrics.update(out.images, out.templates)
+            local["images"][e.name] = to_uint8(out.images)  # (n, H, W, 3)
+            local["cost"][e.name] = out.cost
+        return local
+
+    def _reduce_and_log(self, trainer, local: dict, world: int) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for e in self.entries:  # the same order on every rank: compute() all-reduces
+            for k, v in self._metrics[e.name].compute().items():
+                values[f"val/{e.name}/{k}"] = v
+        gathered = [(local["mine"], local["images"])]
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (local["mine"], local["images"]))
+        for k, v in values.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
+        self.last_values = values
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank reads it
+        if not trainer.is_global_zero:
+            return values
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+        templates = self.templates(trainer)
+        for e in self.entries:
+            grid = _assemble(gathered, e.name, local["cells"])
+            if grid is not None:
+                log_grid(trainer, f"val/{e.name}/grid", make_grid(grid, rows=local["rows"]),
+                         " | ".join(templates), step, log_dir=log_dir)
+        return values
+
+
+def _assemble(gathered, name: str, n: int) -> np.ndarray | None:
+    """Images of all ranks back in cell order: (n, H, W, 3) uint8."""
+    parts = [(idx, imgs[name]) for idx, imgs in gathered if name in imgs]
+    if not parts:
+        return None
+    h, w = parts[0][1].shape[1:3]
+    out = np.zeros((n, h, w, 3), dtype=np.uint8)
+    for idx, imgs in parts:
+        out[idx] = imgs
+    return out
+
+
+def _any_rank(flag: bool, device, world: int) -> bool:
+    """True when the flag is set on any rank (an all-reduce; just the flag on one rank)."""
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@contextmanager
+def preserved_state(module: torch.nn.Module):
+    """Restore, on exit, every submodule's train/eval flag, every parameter's and buffer's
+    dtype, the Python, NumPy and torch (CPU, CUDA) RNG states, and the grad mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    dtypes = {name: t.dtype for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    grad = torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if name in dtypes and t.dtype != dtypes[name]:
+                t.data = t.data.to(dtypes[name])
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        torch.set_grad_enabled(grad)

@@ -1,0 +1,91 @@
+"""The results table of an evaluation: one CSV row per (subject, sampler, setting).
+
+Each rank appends its finished cells to its own part file (``parts/rank<r>.csv``) as
+soon as a cell is done, so a run that stops loses at most the cell in progress. A rerun
+reads ``results.csv`` and every part file and skips the cells found there. At the end
+rank 0 merges everything into ``results.csv`` (in the order of the plan) and removes
+the part files.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+COLUMNS = [
+    "subject", "sampler", "curve", "setting", "clip_i", "clip_t", "dino",
+    "unet_evals_per_image", "max_unet_batch", "num_images", "seconds", "settings", "key",
+]
+NUMERIC = ("clip_i", "clip_t", "dino", "unet_evals_per_image", "max_unet_batch", "num_images", "seconds")
+
+
+def cell_key(subject: str, sampler: str, settings_json: str) -> str:
+    return f"{subject}|{sampler}|{settings_json}"
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = []
+        for row in csv.DictReader(f):
+            if not row.get("key") or any(row.get(c) is None for c in COLUMNS):
+                continue  # a row cut short by a stopped run: that cell runs again
+            for c in NUMERIC:
+                row[c] = float(row[c]) if row[c] not in ("", "nan") else math.nan
+            rows.append(row)
+        return rows
+
+
+class ResultStore:
+    """``results.csv`` and the per-rank part files under one output folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / "results.csv"
+        self.parts = self.folder / "parts"
+
+    def rows(self) -> list[dict]:
+        """Every finished row: the merged table, then the part files (later rows win)."""
+        by_key: dict[str, dict] = {}
+        for path in [self.path, *sorted(self.parts.glob("rank*.csv"))]:
+            for row in _read_csv(path):
+                by_key[row["key"]] = row
+        return list(by_key.values())
+
+    def done_keys(self) -> set[str]:
+        return {row["key"] for row in self.rows()}
+
+    def append(self, row: dict, rank: int = 0) -> None:
+        """Write one finished cell to this rank's part file, flushed to disk."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        path = self.parts / f"rank{rank}.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({c: row.get(c, "") for c in COLUMNS})
+            f.flush()
+            os.fsync(f.fileno())
+
+    def merge(self, order: list[str] | None = None) -> list[dict]:
+        """Write all rows to ``results.csv`` (plan order first, then any others) and drop the parts."""
+        rows = self.rows()
+        rank = {k: i for i, k in enumerate(order or [])}
+        rows.sort(key=lambda r: rank.get(r["key"], len(rank)))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name("results.csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({c: row.get(c, "") for c in COLUMNS})
+        tmp.replace(self.path)
+        for part in self.parts.glob("rank*.csv"):
+            part.unlink()
+        if self.parts.is_dir() and not any(self.parts.iterdir()):
+            self.parts.rmdir()
+        return rows

@@ -1,0 +1,302 @@
+"""Evaluation runs: a model (base or trained artifact) × subjects × sampler settings.
+
+The plan is every *cell* (subject, sampler setting); each cell samples the subject's
+prompt templates × ``num_images`` images, scores them with CLIP-I, CLIP-T and DINO, and
+becomes one row of ``results.csv``. A rerun skips the cells already in the table. On
+several ranks, rank r takes the pending cells i with i % world == r, appends its rows to
+its own part file, and rank 0 merges the table, writes the per-setting summary (mean
+over subjects) and the Pareto plots, and logs them to W&B when a run is active.
+
+    cfg = EvalConfig(model="tiny", dreambooth_root="dreambooth", subjects=["dog"],
+                     sweep=[{"sampler": "mixed", "zip": {...}}], output="outputs/eval")
+    rows = run_evaluation(cfg)                      # one process
+    rows = run_evaluation(cfg, fabric_ranks(cfg))   # one rank of a Lightning Fabric DDP run
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from components.loader import cache_dir
+from evaluation.pareto import plot_pareto, summarize
+from evaluation.results import COLUMNS, ResultStore, cell_key
+from evaluation.subjects import Subject, dreambooth_subjects, folder_subject
+from evaluation.sweep import SweepPoint, expand_sweep
+from metrics import DEFAULT_CLIP, DEFAULT_DINO, ConceptMetrics, ReferenceCache
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run (the keys of a ``configs/eval/*.yaml`` file).
+
+    Model: ``model`` (base model: hub id, diffusers folder, ``tiny``) and/or ``artifact``
+    (a trained artifact folder; ``{subject}`` in it is replaced by each subject name).
+    Subjects: ``dreambooth_root`` (+ ``subjects``, default all) or ``concept_dir`` +
+    ``superclass``. Prompts: ``"auto"`` (the DreamBooth set of each subject's class),
+    ``"object"``, ``"live"``, a file or a list; ``num_prompts`` keeps the first ones.
+    """
+
+    model: str | None = None
+    artifact: str | None = None
+    dreambooth_root: str | None = None
+    subjects: list[str] | None = None
+    concept_dir: str | None = None
+    superclass: str | None = None
+    prompts: str | list[str] = "auto"
+    num_prompts: int = 0
+    num_images: int = 4
+    seed: int = 0
+    batch_size: int = 8
+    sweep: list[dict] = field(default_factory=lambda: [{"sampler": "concept"}])
+    defaults: dict = field(default_factory=dict)
+    clip: str | None = DEFAULT_CLIP
+    dino: str | None = DEFAULT_DINO
+    clip_backend: str = "transformers"
+    clip_t_text: str = "superclass"
+    output: str = "outputs/eval"
+    device: str = "auto"
+    devices: int = 1
+    accelerator: str = "auto"
+    num_nodes: int = 1
+    save_grids: bool = True
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+    log_grids: bool = False
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, **overrides) -> "EvalConfig":
+        """Keys of a YAML file, then ``overrides`` (None values ignored)."""
+        data = {}
+        if path is not None:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: an evaluation config is a mapping of EvalConfig keys.")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown evaluation setting(s) {unknown}; known: {sorted(known)}.")
+        return cls(**data)
+
+    def identity(self) -> dict:
+        """What makes two runs' rows comparable; a rerun into the same output must match."""
+        keys = ("model", "artifact", "prompts", "num_prompts", "num_images", "seed", "clip", "dino", "clip_backend", "clip_t_text")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class Ranks:
+    """Where this process stands in a (possibly) distributed run."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    barrier: Callable[[], None] = lambda: None
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def fabric_ranks(cfg: EvalConfig) -> Ranks:
+    """Launch (or join) a Lightning Fabric DDP run of ``cfg.devices`` × ``cfg.num_nodes`` ranks."""
+    import lightning as L
+
+    fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy="ddp")
+    fabric.launch()
+    return Ranks(fabric.global_rank, fabric.world_size, fabric.device, fabric.barrier)
+
+
+def build_subjects(cfg: EvalConfig) -> list[Subject]:
+    if cfg.dreambooth_root:
+        subjects = dreambooth_subjects(cfg.dreambooth_root, cfg.subjects, cfg.prompts)
+    elif cfg.concept_dir:
+        subjects = [folder_subject(cfg.concept_dir, cfg.superclass or "", cfg.prompts)]
+    else:
+        raise ValueError("No subjects: set dreambooth_root (+ subjects) or concept_dir + superclass.")
+    if cfg.num_prompts > 0:
+        for s in subjects:
+            s.templates = s.templates[: cfg.num_prompts]
+    return subjects
+
+
+class ModelSource:
+    """Loads the model of each subject once: the base model (components shared by all
+    subjects) or the subject's trained artifact."""
+
+    def __init__(self, cfg: EvalConfig, device: torch.device):
+        if cfg.model is None and not cfg.artifact:
+            raise ValueError("Nothing to evaluate: set model (hub id, folder, 'tiny') and/or artifact (a trained artifact folder).")
+        self.cfg, self.device = cfg, device
+        self._components = None
+        self._current: tuple[str, object] | None = None
+
+    def get(self, subject: Subject):
+        if self._current is not None and self._current[0] == subject.name:
+            return self._current[1]
+        self._current = None  # free the previous subject's model first
+        if self.cfg.artifact:
+            from lightning_modules import load_personalized
+
+            model = load_personalized(self.cfg.model, artifact=self.cfg.artifact.format(subject=subject.name))
+            model = model.to(self.device) if isinstance(model, torch.nn.Module) else model
+        else:
+            from components.loader import load_components
+            from components.personalized import BaseModel
+
+            if self._components is None:
+                self._components = load_components(self.cfg.model).to(self.device)
+            model = BaseModel(self._components, superclass=subject.superclass)
+        self._current = (subject.name, model)
+        return model
+
+
+def evaluate_cell(model, sampler, subject: Subject, metrics: ConceptMetrics, num_images: int, seed: int,
+                  batch_size: int, grid_path: Path | None = None) -> dict:
+    """Sample one subject's templates × ``num_images`` with one sampler and score them.
+
+    Templates go to the sampler a few at a time (about ``batch_size`` images per call),
+    so memory stays bounded; the latents depend only on (template, image index, seed).
+    """
+    from callbacks.image_grid import make_grid, to_uint8
+
+    metrics.set_concept(subject.images, subject.superclass)
+    per_call = max(1, batch_size // num_images)
+    evals, max_batch, n, kept = 0.0, 0, 0, []
+    start = time.perf_counter()
+    for i in range(0, len(subject.templates), per_call):
+        out = sampler.sample(model, subject.templates[i : i + per_call], num_images=num_images, seed=seed,
+                             batch_size=batch_size, progress=False)
+        metrics.update(out.images, out.templates)
+        evals += out.cost["unet_evals_per_image"] * len(out.images)
+        max_batch = max(max_batch, int(out.cost["max_unet_batch"]))
+        n += len(out.images)
+        if grid_path is not None:
+            kept.append(to_uint8(out.images))
+    values = metrics.compute()
+    if grid_path is not None:
+        import numpy as np
+        from PIL import Image
+
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_grid(np.concatenate(kept), rows=len(subject.templates))).save(grid_path)
+    return {**{k: values.get(k, float("nan")) for k in ("clip_i", "clip_t", "dino")},
+            "unet_evals_per_image": evals / max(n, 1), "max_unet_batch": max_batch, "num_images": n,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _grid_path(output: Path, subject: str, point: SweepPoint) -> Path:
+    tag = hashlib.sha256(point.settings_json.encode()).hexdigest()[:6]
+    name = re.sub(r"[^A-Za-z0-9=.,_-]+", "_", f"{point.sampler}_{point.label}")[:80]
+    return output / "grids" / subject / f"{name}_{tag}.png"
+
+
+def _check_identity(output: Path, cfg: EvalConfig) -> None:
+    path = output / "run.json"
+    ident = cfg.identity()
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(ident)):
+            diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
+            raise ValueError(
+                f"{output} holds results of another evaluation (changed: {diff}). Its rows would not be comparable: "
+                "choose another output folder, or delete this one to start again."
+            )
+    else:
+        output.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ident, indent=2))
+
+
+def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run the pending cells of this rank; on rank 0, merge, summarize, plot and log.
+
+    Returns the merged rows on rank 0, this rank's new rows elsewhere.
+    """
+    if cfg.model is None and not cfg.artifact:
+        raise ValueError("Nothing to evaluate: set model (hub id, folder, 'tiny') and/or artifact (a trained artifact folder).")
+    ranks = ranks or Ranks(device=resolve_device(cfg.device))
+    output = Path(cfg.output)
+    subjects = build_subjects(cfg)
+    points = expand_sweep(cfg.sweep, cfg.defaults)  # validates every setting before any work
+    if ranks.rank == 0:
+        _check_identity(output, cfg)
+    ranks.barrier()
+    store = ResultStore(output)
+    plan = [(s, p) for s in subjects for p in points]  # subject-major: each rank loads few models
+    keys = [cell_key(s.name, p.sampler, p.settings_json) for s, p in plan]
+    done = store.done_keys()
+    ranks.barrier()  # every rank has read the same table before any rank appends to it
+    pending = [(cell, k) for cell, k in zip(plan, keys) if k not in done]
+    mine = pending[ranks.rank :: ranks.world]
+    if ranks.rank == 0:
+        log(f"[eval] {len(plan)} cells, {len(plan) - len(pending)} done, {len(pending)} to run on {ranks.world} rank(s)")
+    new_rows = []
+    if mine:
+        metrics = ConceptMetrics(cfg.clip, cfg.dino, cfg.clip_backend, cfg.clip_t_text,
+                                 cache=ReferenceCache(cache_dir() / "reference-embeddings"), sync_on_compute=False)
+        metrics.to(ranks.device)
+        models = ModelSource(cfg, ranks.device)
+        for j, ((subject, point), key) in enumerate(mine):
+            grid = _grid_path(output, subject.name, point) if cfg.save_grids else None
+            values = evaluate_cell(models.get(subject), point.build(), subject, metrics, cfg.num_images, cfg.seed,
+                                   cfg.batch_size, grid)
+            row = {"subject": subject.name, "sampler": point.sampler, "curve": point.curve, "setting": point.label,
+                   **values, "settings": point.settings_json, "key": key}
+            store.append(row, ranks.rank)
+            new_rows.append(row)
+            log(f"[eval rank {ranks.rank}] {j + 1}/{len(mine)} {subject.name} {point.sampler} {point.label}: "
+                f"CLIP-I {row['clip_i']:.4f} CLIP-T {row['clip_t']:.4f} DINO {row['dino']:.4f} ({row['seconds']:.1f} s)")
+    ranks.barrier()
+    if ranks.rank != 0:
+        return new_rows
+    rows = store.merge(order=keys)
+    finish(rows, output, cfg, [_grid_path(output, s.name, p) for s, p in plan] if cfg.log_grids else [])
+    return rows
+
+
+def finish(rows: list[dict], output: Path, cfg: EvalConfig | None = None, grids: list[Path] = ()) -> list[dict]:
+    """Summary table (mean over subjects, Pareto flags), Pareto plots, and W&B logging."""
+    summary = summarize(rows)
+    cols = ["curve", "sampler", "setting", "clip_i", "clip_t", "dino", "unet_evals_per_image", "max_unet_batch",
+            "subjects", "pareto", "settings"]
+    with (output / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(summary)
+    plots = {"clip_i": plot_pareto(summary, output / "pareto.png", y="clip_i")}
+    if any(r["dino"] == r["dino"] for r in summary):  # not all NaN
+        plots["dino"] = plot_pareto(summary, output / "pareto_dino.png", y="dino")
+    _log_wandb(rows, summary, plots, grids)
+    return summary
+
+
+def _log_wandb(rows, summary, plots, grids) -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    cols = ["subject", "sampler", "setting", "clip_i", "clip_t", "dino", "unet_evals_per_image"]
+    payload = {
+        "eval/results": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows]),
+        "eval/summary": wandb.Table(columns=cols[1:] + ["pareto"], data=[[r[c] for c in cols[1:] + ["pareto"]] for r in summary]),
+    }
+    for y, path in plots.items():
+        payload[f"eval/pareto_{y}"] = wandb.Image(str(path))
+    from PIL import Image
+
+    for path in grids:
+        if path.exists():
+            payload[f"eval/grids/{path.parent.name}/{path.stem}"] = wandb.Image(Image.open(path).convert("RGB"))
+    wandb.log(payload)

@@ -1,0 +1,266 @@
+"""Attention capture and injection through diffusers attention processors.
+
+:func:`attention_control` wraps every processor of the UNet (keyed by the names in
+``unet.attn_processors``) in a :class:`ControlledProcessor` and restores the originals on
+exit, even after an error. A wrapped layer runs its original processor untouched unless
+the :class:`AttentionControl` asks for it at that call; then it computes the attention
+itself (same projections, scaled dot-product attention) and lets the control observe or
+edit it. Two controls:
+
+* :class:`ConceptMapStore` (masked sampling): the concept token's cross-attention map of
+  the concept branch, softmax(QKᵀ/√d) averaged over heads, upsampled to the latent size
+  and averaged over all cross-attention layers. Only that (B, 1, h, w) average is kept,
+  never a full attention map.
+* :class:`AttentionInjection` (Photoswap): a source branch's self-attention output
+  ("features"), cross-attention maps and self-attention maps replace a target branch's.
+
+Rows of a UNet call are branch-major (``samplers.base.Run.predict``): branch k holds
+rows k·B ... (k+1)·B − 1; tensors inside are (N, heads, tokens, head_dim), N = branches·B.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from components.personalized import fill
+
+
+class AttentionControl:
+    """Decides which attention calls to take over and what to do with them."""
+
+    def __init__(self, n_branches: int):
+        self.n_branches = n_branches
+
+    def rows(self, n: int, branch: int) -> slice:
+        if n % self.n_branches:
+            raise RuntimeError(f"a UNet call of {n} rows cannot hold {self.n_branches} branches of equal size")
+        b = n // self.n_branches
+        return slice(branch * b, (branch + 1) * b)
+
+    def wants(self, is_cross: bool) -> bool:
+        """Take over this call? False runs the layer's original processor."""
+        return False
+
+    def edit_attention(self, q, k, v, out, is_cross: bool, scale: float) -> None:
+        """Observe or edit ``out`` = attention(q, k, v), (N, heads, P, d), in place."""
+
+    def edit_output(self, out: torch.Tensor, is_cross: bool) -> None:
+        """Observe or edit the layer output after the output projection, (N, P, C), in place."""
+
+
+class ControlledProcessor:
+    """Runs ``original`` unless ``control`` wants the call; then attends itself."""
+
+    def __init__(self, original, control: AttentionControl):
+        self.original, self.control = original, control
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        is_cross = encoder_hidden_states is not None
+        if not self.control.wants(is_cross):
+            return self.original(
+                attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask, temb=temb, **kwargs,
+            )
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError(
+                "attention control supports transformer attention layers (3-D hidden states, no group or "
+                "spatial norm), as in Stable Diffusion UNets; this layer is not one"
+            )
+        if attention_mask is not None:
+            raise NotImplementedError("attention control does not support attention masks")
+        residual = hidden_states
+        context = hidden_states
+        if is_cross:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        q = _heads(attn.to_q(hidden_states), attn.heads)  # (N, H, P, d), P = pixels of this layer
+        k = _heads(attn.to_k(context), attn.heads)  # (N, H, S, d), S = tokens (cross) or P (self)
+        v = _heads(attn.to_v(context), attn.heads)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (N, H, P, d)
+        self.control.edit_attention(q, k, v, out, is_cross, attn.scale)
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (N, P, H·d)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        self.control.edit_output(out, is_cross)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def attention_control(unet, control: AttentionControl) -> Iterator[AttentionControl]:
+    """Install ``control`` on every attention layer of ``unet``; restore on exit."""
+    original = dict(unet.attn_processors)
+    unet.set_attn_processor({name: ControlledProcessor(proc, control) for name, proc in original.items()})
+    try:
+        yield control
+    finally:
+        unet.set_attn_processor(dict(original))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(QKᵀ·scale) in float32, (B, H, P, S)."""
+    return (q.float() @ k.float().transpose(-1, -2) * scale).softmax(-1)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(N, T, H·d) -> (N, H, T, d)."""
+    n, t, _ = x.shape
+    return x.view(n, t, heads, -1).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- masked sampling
+
+
+class ConceptMapStore(AttentionControl):
+    """Running mean over cross-attention layers of the concept token's map.
+
+    ``token_weights`` (B, S) weighs each cell's concept token positions (summing to 1);
+    ``branch`` is the concept branch among ``n_branches``. Set ``active`` for the UNet
+    calls to observe; :meth:`pop_mean` returns the (B, 1, h, w) mean and resets.
+    """
+
+    def __init__(self, token_weights: torch.Tensor, latent_size: tuple[int, int], branch: int, n_branches: int):
+        super().__init__(n_branches)
+        self.token_weights, self.latent_size, self.branch = token_weights.float(), tuple(latent_size), branch
+        self.active = False
+        self.total: torch.Tensor | None = None
+        self.layers = 0
+
+    def wants(self, is_cross: bool) -> bool:
+        return self.active and is_cross
+
+    def edit_attention(self, q, k, v, out, is_cross: bool, scale: float) -> None:
+        rows = self.rows(q.shape[0], self.branch)
+        probs = attention_probs(q[rows], k[rows], scale)  # (B, H, P, S)
+        weights = self.token_weights.to(probs.device)[:, None, None, :]  # (B, 1, 1, S)
+        pixel_map = (probs * weights).sum(-1).mean(1)  # (B, P): concept tokens, mean over heads
+        h, w = _layer_size(pixel_map.shape[1], self.latent_size)
+        pixel_map = pixel_map.view(-1, 1, h, w)
+        if (h, w) != self.latent_size:
+            pixel_map = F.interpolate(pixel_map, size=self.latent_size, mode="bilinear", align_corners=False)
+        self.total = pixel_map if self.total is None else self.total + pixel_map  # (B, 1, h_lat, w_lat)
+        self.layers += 1
+
+    def pop_mean(self) -> torch.Tensor:
+        """(B, 1, h, w): the map averaged over the cross-attention layers seen since the last pop."""
+        if self.total is None:
+            raise RuntimeError("no cross-attention map was captured: does the UNet have cross-attention layers?")
+        mean, self.total, self.layers = self.total / self.layers, None, 0
+        return mean
+
+
+def _layer_size(pixels: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a layer with ``pixels`` positions, downsampled from the latent by 2^k."""
+    factor = round(math.sqrt(latent_size[0] * latent_size[1] / pixels))
+    h, w = -(-latent_size[0] // factor), -(-latent_size[1] // factor)
+    if h * w != pixels:
+        raise ValueError(f"cannot place {pixels} attention positions on the {latent_size} latent grid")
+    return h, w
+
+
+# --------------------------------------------------------------------------- Photoswap
+
+
+class AttentionInjection(AttentionControl):
+    """Photoswap's attention swap from a ``source`` branch into a ``target`` branch.
+
+    Flags, set per step:
+    * ``features``: the target's self-attention *output* (after the output projection,
+      what the layer adds to the residual stream) becomes the source's;
+    * ``cross_maps``: the target's cross-attention maps become the source's, token by
+      token through ``token_index``/``token_alpha`` (B, S): position j of the target
+      prompt takes the source map at ``token_index[j]`` where ``token_alpha[j]`` = 1 and
+      keeps its own where 0 (the concept prompt has extra tokens);
+    * ``self_maps``: the target attends with the source's self-attention maps over its
+      own values.
+    """
+
+    def __init__(self, n_branches: int, source: int, target: int, token_index: torch.Tensor, token_alpha: torch.Tensor):
+        super().__init__(n_branches)
+        self.source, self.target = source, target
+        self.token_index, self.token_alpha = token_index.long(), token_alpha.float()
+        self.features = self.cross_maps = self.self_maps = False
+
+    def set_step(self, features: bool, cross_maps: bool, self_maps: bool) -> None:
+        self.features, self.cross_maps, self.self_maps = features, cross_maps, self_maps
+
+    def wants(self, is_cross: bool) -> bool:
+        return self.cross_maps if is_cross else (self.features or self.self_maps)
+
+    def edit_attention(self, q, k, v, out, is_cross: bool, scale: float) -> None:
+        if not is_cross and (self.features or not self.self_maps):
+            return  # the whole self-attention output is replaced below (or nothing is)
+        src, tgt = self.rows(q.shape[0], self.source), self.rows(q.shape[0], self.target)
+        probs = attention_probs(q[src], k[src], scale)  # (B, H, P, S) source maps
+        if is_cross:
+            index = self.token_index.to(probs.device)[:, None, None, :].expand_as(probs)
+            alpha = self.token_alpha.to(probs.device)[:, None, None, :]  # (B, 1, 1, S)
+            own = attention_probs(q[tgt], k[tgt], scale)
+            probs = alpha * probs.gather(-1, index) + (1 - alpha) * own
+        out[tgt] = (probs.to(v.dtype) @ v[tgt]).to(out.dtype)  # target values, source maps
+
+    def edit_output(self, out: torch.Tensor, is_cross: bool) -> None:
+        if not is_cross and self.features:
+            out[self.rows(out.shape[0], self.target)] = out[self.rows(out.shape[0], self.source)]
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def token_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+
+
+def align_tokens(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map each token position of ``target`` to the same token in ``source``.
+
+    Returns (index, alpha), each (S,): for positions inside a block of tokens shared by
+    both prompts (difflib's matching blocks), index is the source position and alpha 1;
+    elsewhere (e.g. the concept identifier the superclass prompt lacks) alpha is 0.
+    """
+    src, tgt = token_ids(tokenizer, source), token_ids(tokenizer, target)
+    index, alpha = torch.arange(len(tgt)), torch.zeros(len(tgt))
+    for block in difflib.SequenceMatcher(None, src, tgt, autojunk=False).get_matching_blocks():
+        index[block.b : block.b + block.size] = torch.arange(block.a, block.a + block.size)
+        alpha[block.b : block.b + block.size] = 1.0
+    return index, alpha
+
+
+def concept_token_positions(tokenizer, template: str, concept_phrase: str, superclass: str) -> list[int]:
+    """Positions of the concept token(s) in the filled concept prompt.
+
+    The concept phrase ("sks dog", "<cat-toy>") sits right after the template's prefix;
+    its tokens that are not superclass tokens ("sks") are the concept tokens. When the
+    phrase has none (a phrase equal to the superclass) all its tokens count.
+    """
+    prefix = " ".join(template.split("{}")[0].split())
+    n_prefix = len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0
+    phrase = tokenizer(concept_phrase, add_special_tokens=False).input_ids
+    ids = token_ids(tokenizer, fill(template, concept_phrase))
+    start = 1 + n_prefix  # after <|startoftext|>
+    if ids[start : start + len(phrase)] != phrase:
+        raise ValueError(
+            f"could not locate the concept phrase {concept_phrase!r} in the tokens of template {template!r}; "
+            f"is the prompt longer than the tokenizer's {tokenizer.model_max_length} tokens?"
+        )
+    superclass_ids = set(tokenizer(superclass, add_special_tokens=False).input_ids)
+    positions = [start + j for j, tok in enumerate(phrase) if tok not in superclass_ids]
+    return positions or list(range(start, start + len(phrase)))
+
+
+def concept_token_weights(tokenizer, templates: Sequence[str], concept_phrase: str, superclass: str) -> torch.Tensor:
+    """(B, S) weights, 1/n at each cell's n concept token positions."""
+    weights = torch.zeros(len(templates), tokenizer.model_max_length)
+    for b, template in enumerate(templates):
+        positions = concept_token_positions(tokenizer, template, concept_phrase, superclass)
+        weights[b, positions] = 1.0 / len(positions)
+    return weights

@@ -1,0 +1,104 @@
+"""The strategies that only combine noise predictions: eqs. 4-8 of the sampling study.
+
+u, c, s are the UNet predictions for the empty, concept and superclass prompts at z_t;
+step i counts from 0 at the noisiest step. Each step evaluates only the branches its
+formula uses, in one batched UNet call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Sampler, Scale, scale_at
+from samplers.registry import register
+
+
+@register
+class ConceptSampler(Sampler):
+    """Sampling with the concept prompt, eq. 4: u + ω(c − u). UNet batch 2."""
+
+    name = "concept"
+
+    def __init__(self, num_steps: int = 50, guidance: Scale = 7.0):
+        super().__init__(num_steps)
+        self.guidance = self.check_scale("guidance", guidance)
+
+    def guide(self, run: Run, i: int, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        u, c = run.predict(t, [(z, UNCOND), (z, CONCEPT)])
+        return u + scale_at(self.guidance, i) * (c - u)  # eq. 4
+
+
+@register
+class SuperclassSampler(Sampler):
+    """Sampling with the superclass prompt, eq. 5: u + ω(s − u). UNet batch 2."""
+
+    name = "superclass"
+
+    def __init__(self, num_steps: int = 50, guidance: Scale = 7.0):
+        super().__init__(num_steps)
+        self.guidance = self.check_scale("guidance", guidance)
+
+    def guide(self, run: Run, i: int, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        u, s = run.predict(t, [(z, UNCOND), (z, SUPERCLASS)])
+        return u + scale_at(self.guidance, i) * (s - u)  # eq. 5
+
+
+@register
+class MixedSampler(Sampler):
+    """Mixed sampling, eq. 6: u + ω_s(s − u) + ω_c(c − u). UNet batch 3."""
+
+    name = "mixed"
+
+    def __init__(self, num_steps: int = 50, guidance_concept: Scale = 3.5, guidance_superclass: Scale = 3.5):
+        super().__init__(num_steps)
+        self.guidance_concept = self.check_scale("guidance_concept", guidance_concept)
+        self.guidance_superclass = self.check_scale("guidance_superclass", guidance_superclass)
+
+    def guide(self, run: Run, i: int, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        u, c, s = run.predict(t, [(z, UNCOND), (z, CONCEPT), (z, SUPERCLASS)])
+        w_c, w_s = scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i)
+        return u + w_s * (s - u) + w_c * (c - u)  # eq. 6
+
+
+@register
+class SwitchingSampler(Sampler):
+    """Switching sampling, eq. 7: the superclass for the first t_sw steps, then the
+    concept, both with guidance ω. UNet batch 2."""
+
+    name = "switching"
+
+    def __init__(self, num_steps: int = 50, guidance: Scale = 7.0, t_sw: int = 7):
+        super().__init__(num_steps)
+        self.guidance = self.check_scale("guidance", guidance)
+        self.t_sw = self.check_step("t_sw", t_sw)
+
+    def guide(self, run: Run, i: int, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        kind = SUPERCLASS if i < self.t_sw else CONCEPT
+        u, x = run.predict(t, [(z, UNCOND), (z, kind)])
+        return u + scale_at(self.guidance, i) * (x - u)  # eq. 7: x = s while i < t_sw, else c
+
+
+@register
+class MultiStageSampler(Sampler):
+    """Multi-stage sampling, eq. 8: u + (ω_s + ω_c)(s − u) for the first t_sw steps, then
+    mixed (eq. 6). The paper prints the two cases the other way round; its text ("a
+    greater influence of the superclass") and the official code put the superclass
+    first, as here. UNet batch 2 for the first t_sw steps, then 3."""
+
+    name = "multistage"
+
+    def __init__(
+        self, num_steps: int = 50, guidance_concept: Scale = 4.0, guidance_superclass: Scale = 3.0, t_sw: int = 10
+    ):
+        super().__init__(num_steps)
+        self.guidance_concept = self.check_scale("guidance_concept", guidance_concept)
+        self.guidance_superclass = self.check_scale("guidance_superclass", guidance_superclass)
+        self.t_sw = self.check_step("t_sw", t_sw)
+
+    def guide(self, run: Run, i: int, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        w_c, w_s = scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i)
+        if i < self.t_sw:
+            u, s = run.predict(t, [(z, UNCOND), (z, SUPERCLASS)])
+            return u + (w_s + w_c) * (s - u)  # eq. 8, first t_sw steps
+        u, c, s = run.predict(t, [(z, UNCOND), (z, CONCEPT), (z, SUPERCLASS)])
+        return u + w_s * (s - u) + w_c * (c - u)  # eq. 8, then eq. 6

@@ -1,0 +1,230 @@
+"""SamplerValidation: logged keys and grids (W&B offline, CSV, TensorBoard), sharded work,
+and training that continues exactly as without the callback, even when validation fails."""
+
+import glob
+import hashlib
+import json
+import random
+import struct
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from callbacks.sampling import SamplerValidation, preserved_state
+
+pytest.importorskip("lightning_modules")
+from datamodules.concept import ConceptDataModule  # noqa: E402
+from lightning_modules import DreamBooth  # noqa: E402
+
+TINY = dict(clip="tiny", dino="tiny", num_prompts=2, num_images=2, every_n_epochs=None)
+SAMPLERS = [{"sampler": "concept", "num_steps": 2}, {"sampler": "mixed", "num_steps": 2}]
+
+
+class Recorder(L.Callback):
+    """After each step (and after any validation of that step): loss, RNG states, modes, dtypes."""
+
+    def __init__(self):
+        self.losses, self.states = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes() + repr(random.getstate()).encode()
+                             + np.random.get_state()[1].tobytes()).hexdigest()
+        modes = tuple(m.training for m in pl_module.modules())
+        dtypes = tuple(str(p.dtype) for p in pl_module.parameters())
+        self.states.append((rng, modes, dtypes))
+
+
+def _fit(root, callbacks, logger=False, steps=4):
+    L.seed_everything(0)
+    dm = ConceptDataModule(concept_dir="demo", resolution=32, batch_size=2, repeats=2, validation_prompts="object")
+    model = DreamBooth(pretrained_model="tiny", superclass=dm.superclass, learning_rate=1e-4)
+    rec = Recorder()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, callbacks=[*callbacks, rec],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=str(root))
+    trainer.fit(model, dm)
+    return rec, trainer
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The same training without the callback."""
+    rec, _ = _fit(tmp_path_factory.mktemp("plain"), [])
+    return rec
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    """History rows of an offline run, read from its .wandb file (a LevelDB-style record log)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(glob.glob(str(run_dir / "run-*.wandb"))[0]).read_bytes()
+    block, pos, buf, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return rows
+
+
+def test_wandb_keys_grids_and_identical_training(tmp_path, reference_run, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    cb = SamplerValidation(samplers=SAMPLERS, every_n_steps=3, **TINY)  # at step 3 of 4: training goes on after it
+    logger = WandbLogger(project="personalize-test", save_dir=str(tmp_path), offline=True)
+    rec, trainer = _fit(tmp_path, [cb], logger)
+    wandb.finish()
+
+    # training went on exactly as without the callback
+    assert rec.losses == reference_run.losses
+    assert rec.states == reference_run.states
+
+    run_dir = Path(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))[0])
+    logged = [r for r in _wandb_history(run_dir) if "val/mixed/clip_i" in r]
+    assert [r["trainer/global_step"] for r in logged] == [3]
+    expected = {f"val/{s}/{m}" for s in ("concept", "mixed") for m in ("clip_i", "clip_t", "dino")}
+    assert expected <= set(logged[-1])
+    for k in expected:
+        assert logged[-1][k] == pytest.approx(cb.last_values[k], abs=1e-6)
+        assert -1.0 <= logged[-1][k] <= 1.0
+    assert logged[-1]["val/concept/clip_i"] != logged[-1]["val/mixed/clip_i"]  # each sampler scored on its own images
+
+    for sampler in ("concept", "mixed"):
+        grids = sorted(glob.glob(str(run_dir / "files" / "media" / "images" / "val" / sampler / "grid_*.png")))
+        assert len(grids) == 1
+        grid = np.asarray(Image.open(grids[0]).convert("RGB"))
+        assert grid.shape == (2 + 2 * 34, 2 + 2 * 34, 3)  # rows prompts, columns seeds, 32 px + padding
+        cell = grid[2:34, 2:34].astype(float)
+        assert cell.std() > 5 and cell.mean() > 5  # a real image, not a black or flat one
+
+
+class _Messy:
+    """Wraps a sampler: disturbs RNGs, modes and dtypes like a careless sampler would; raises on call 1."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def sample_cells(self, model, cells, seed=0, batch_size=8, progress=False):
+        self.calls += 1
+        torch.rand(100), random.random(), np.random.rand(3)
+        model.train()
+        if self.calls == 1:
+            raise RuntimeError("sampler exploded")
+        out = self.inner.sample_cells(model, cells, seed=seed, batch_size=batch_size)
+        model.unet.to(torch.float64)  # a lossless cast, so restoring it is exact
+        return out
+
+
+def test_csv_tensorboard_and_failure_keep_training_identical(tmp_path, reference_run):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    cb = SamplerValidation(samplers=SAMPLERS[:1], every_n_steps=2, **TINY)
+    cb.entries[0].sampler = _Messy(cb.entries[0].sampler)
+    loggers = [CSVLogger(str(tmp_path), name="csv"), TensorBoardLogger(str(tmp_path), name="tb")]
+    with pytest.warns(UserWarning, match="sampler exploded"):
+        rec, trainer = _fit(tmp_path, [cb], loggers)
+    assert cb.entries[0].sampler.calls == 2  # steps 2 (failed) and 4: the run went on
+    assert rec.losses == reference_run.losses
+    assert rec.states == reference_run.states  # RNGs, per-module modes and dtypes restored
+
+    import csv
+
+    rows = list(csv.DictReader(open(Path(loggers[0].log_dir) / "metrics.csv")))
+    logged = [(int(r["step"]), float(r["val/concept/clip_t"])) for r in rows if r.get("val/concept/clip_t")]
+    assert [s for s, _ in logged] == [4]  # nothing logged for the failed round
+    pngs = sorted(Path(trainer.log_dir).glob("images/val_concept_grid_step*.png"))
+    assert [p.name for p in pngs] == ["val_concept_grid_step000004.png"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(loggers[1].log_dir)
+    acc.Reload()
+    assert "val/concept/grid" in acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("val/concept/clip_i")] == [4]
+
+
+def test_settings_are_validated_before_training():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        SamplerValidation(samplers=["nope"], clip="tiny")
+    with pytest.raises(ValueError, match="t_sw"):
+        SamplerValidation(samplers=[{"sampler": "switching", "num_steps": 10, "t_sw": 40}], clip="tiny")
+    with pytest.raises(ValueError, match="slot"):
+        SamplerValidation(prompts=["a dog"], clip="tiny")
+    with pytest.raises(ValueError, match="backbone"):
+        SamplerValidation(clip=None, dino=None)
+    names = [e.name for e in SamplerValidation(samplers=["mixed", {"sampler": "mixed", "name": "mixed_w5"}, "mixed"]).entries]
+    assert names == ["mixed", "mixed_w5", "mixed_2"]
+
+
+def test_preserved_state_restores_module_and_rng():
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    m[1].eval()
+    before = torch.get_rng_state()
+    with preserved_state(m):
+        m.train()
+        m.double()
+        torch.rand(10)
+        torch.set_grad_enabled(False)
+    assert m[0].training and not m[1].training
+    assert m[0].weight.dtype == torch.float32 and torch.is_grad_enabled()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+class _DumpOnEnd(L.Callback):
+    """Each rank writes what the validation callback logged; rank 0 also scores all cells alone."""
+
+    def __init__(self, cb, out_dir):
+        self.cb, self.out_dir = cb, out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        record = {"values": self.cb.last_values, "log_dir": str(trainer.log_dir)}  # log_dir: a collective
+        if trainer.global_rank == 0:
+            from metrics import ConceptMetrics
+
+            cm = ConceptMetrics(clip="tiny", dino="tiny", sync_on_compute=False)
+            cm.set_concept(self.cb._reference_tensors, pl_module.superclass)
+            templates = self.cb.templates(trainer)
+            pl_module.eval()
+            out = self.cb.entries[0].sampler.sample_cells(pl_module, [(t, 0) for t in templates], seed=0)
+            cm.update(out.images, out.templates)
+            record["single"] = cm.compute()
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_sharded_over_two_ddp_ranks_equals_one_process(tmp_path):
+    """DDP on 2 CPU processes: 3 prompts split 2 + 1, metrics all-reduced, images gathered."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(0)
+    dm = ConceptDataModule(concept_dir="demo", resolution=32, batch_size=1, repeats=2)
+    model = DreamBooth(pretrained_model="tiny", superclass=dm.superclass, learning_rate=1e-4)
+    cb = SamplerValidation(samplers=SAMPLERS[1:], clip="tiny", dino="tiny", num_prompts=3, num_images=1,
+                           every_n_steps=2, every_n_epochs=None)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=2, logger=CSVLogger(str(tmp_path)),
+                        callbacks=[cb, _DumpOnEnd(cb, tmp_path)], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, dm)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert set(r0["values"]) == {"val/mixed/clip_i", "val/mixed/clip_t", "val/mixed/dino"}
+    assert r0["values"] == r1["values"]  # every rank holds the synced values
+    for k, v in r0["single"].items():
+        assert r0["values"][f"val/mixed/{k}"] == pytest.approx(v, abs=1e-5)
+    grid = np.asarray(Image.open(Path(r0["log_dir"]) / "images" / "val_mixed_grid_step000002.png"))
+    assert grid.shape == (2 + 3 * 34, 36, 3)
+    for row in range(3):  # rows 0 and 2 from rank 0, row 1 from rank 1: none left empty
+        assert grid[2 + 34 * row : 34 * (row + 1), 2:34].std() > 5

@@ -1,0 +1,264 @@
+"""Invariants of every fine-tuning method, on the tiny preset (CPU).
+
+Parametrized over all methods: a training step runs; only the declared parameters
+change; before training the model is the base model; the artifact holds only what
+trained and reloads to the same outputs. Then the diffusers interop of the methods
+that have a diffusers loader (LoRA, Custom Diffusion) and the method-specific checks
+(SVDiff's decomposition, Custom Diffusion's start-token detach, peft's artifact layout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components.loader import load_components
+from components.personalized import encode_text
+from conftest import quiet_trainer
+from lightning_modules import (BOFT, OFT, CustomDiffusion, DreamBooth, DreamBoothQKV, HiFiTextualInversion, LoRA,
+                               SVDiff, TextualInversion, load_personalized)
+
+METHODS = [
+    pytest.param(DreamBooth, {}, id="dreambooth"),
+    pytest.param(DreamBoothQKV, {}, id="dreambooth_qkv"),
+    pytest.param(TextualInversion, {"placeholder": "<ball1>", "num_vectors": 2}, id="textual_inversion"),
+    pytest.param(CustomDiffusion, {"placeholder": "<new1>"}, id="custom_diffusion"),
+    pytest.param(CustomDiffusion, {"placeholder": "<new1>", "train_q_out": True}, id="custom_diffusion_q_out"),
+    pytest.param(SVDiff, {}, id="svdiff"),
+    pytest.param(LoRA, {"train_text_encoder": True, "text_rank": 2}, id="lora"),
+    pytest.param(OFT, {"block_size": 8}, id="oft"),
+    pytest.param(BOFT, {"num_blocks": 4, "train_text_encoder": True}, id="boft"),
+    pytest.param(HiFiTextualInversion, {"global_steps": 1, "num_ddim_steps": 3, "steps_per_timestep": 1}, id="hifi"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two threads on a shared 2-core machine mostly wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(cls, kwargs, **extra):
+    kw = {"pretrained_model": "tiny", "placeholder": "sks", "superclass": "ball", "learning_rate": 1e-2, **kwargs, **extra}
+    return cls(**kw)
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def unet_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)  # (B, C, h, w): tiny latents
+    cond = torch.randn(2, 77, 32, generator=g)  # (B, L, D)
+    return x, torch.tensor([999, 10]), cond
+
+
+def perturb_trainable(module, seed: int = 0, scale: float = 0.05) -> None:
+    """Move every trainable parameter, as training would (but more, and everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    if isinstance(module, HiFiTextualInversion):
+        module.phases_started.fill_(module.num_ddim_steps)  # every step-wise embedding counts as trained
+
+
+def timesteps_of(module) -> list[int | None]:
+    return [int(t) for t in module.stepwise_timesteps] if getattr(module, "timestep_dependent", False) else [None]
+
+
+# --------------------------------------------------------------------------- every method
+
+
+@pytest.mark.parametrize("cls,kwargs", METHODS)
+def test_training_step_changes_only_declared_parameters(cls, kwargs, demo_dm):
+    module = make(cls, kwargs)
+    trainable = module.trainable_state_keys() | set(module.extra_state_keys())
+    before = snapshot(module)
+    quiet_trainer(fast_dev_run=True).fit(module, demo_dm)
+    after = snapshot(module)
+    assert before.keys() == after.keys()
+    frozen_changed = [k for k in before if k not in trainable and not torch.equal(before[k], after[k])]
+    assert frozen_changed == [], f"frozen tensors changed: {frozen_changed[:5]}"
+    assert any(not torch.equal(before[k], after[k]) for k in module.trainable_state_keys())
+
+
+@pytest.mark.parametrize("cls,kwargs", METHODS)
+def test_before_training_the_model_is_the_base_model(cls, kwargs):
+    """UNet outputs and the text encoding of non-concept prompts equal the base model's,
+    bit for bit (SVDiff: W + U·diag(relu(σ+0) − σ)·Vᵀ adds an exact zero; LoRA: B = 0;
+    OFT/BOFT: R = I; Custom Diffusion: the original k/v weights)."""
+    module = make(cls, kwargs).eval()
+    base = load_components("tiny")
+    x, t, cond = unet_inputs()
+    with torch.no_grad():
+        assert torch.equal(module.unet(x, t, cond).sample, base.unet(x, t, cond).sample)
+        prompts = ["a photo of ball", ""]
+        expected = encode_text(base.tokenizer, base.text_encoder, prompts)
+        for step in timesteps_of(module):
+            assert torch.equal(module.encode_prompts(prompts, step), expected)
+
+
+@pytest.mark.parametrize("cls,kwargs", METHODS)
+def test_artifact_holds_only_what_trained_and_round_trips(cls, kwargs, tmp_path):
+    module = make(cls, kwargs).eval()
+    perturb_trainable(module)
+    folder = module.save_artifact(tmp_path / "artifact")
+    stored = sum(t.numel() for f in folder.rglob("*.safetensors") for t in load_file(str(f)).values() if t.is_floating_point())
+    assert stored == module.num_trainable_parameters()
+
+    loaded = load_personalized(artifact=folder)
+    assert type(loaded) is cls and loaded.concept_phrase == module.concept_phrase
+    x, t, _ = unet_inputs()
+    prompts = [f"a photo of {module.concept_phrase}", "a photo of ball", ""]
+    with torch.no_grad():
+        for step in timesteps_of(module):
+            cond = module.encode_prompts(prompts, step)
+            assert torch.equal(loaded.encode_prompts(prompts, step), cond)
+            assert torch.equal(loaded.unet(x, t, cond[:2]).sample, module.unet(x, t, cond[:2]).sample)
+
+
+# --------------------------------------------------------------------------- diffusers interop
+
+
+def pipeline_images(pipe, prompt: str) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, num_inference_steps=3, guidance_scale=5.0, height=32, width=32, output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    return out.images  # (1, 3, 32, 32)
+
+
+def test_lora_artifact_loads_with_diffusers_load_lora_weights(tmp_path):
+    module = make(LoRA, {"train_text_encoder": True, "text_rank": 2, "alpha": 8}).eval()
+    perturb_trainable(module, scale=0.2)
+    folder = module.save_artifact(tmp_path / "lora")
+    assert (folder / "pytorch_lora_weights.safetensors").exists()
+
+    pipe = load_components("tiny").pipeline()
+    pipe.load_lora_weights(folder)
+    prompt = f"a photo of {module.concept_phrase}"
+    with torch.no_grad():
+        ours = pipeline_images(module.components.pipeline(), prompt)
+        theirs = pipeline_images(pipe, prompt)
+        base = pipeline_images(load_components("tiny").pipeline(), prompt)
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, base, atol=1e-3)  # the LoRA changed the image
+
+
+def test_custom_diffusion_artifact_loads_with_diffusers(tmp_path):
+    from lightning_modules.custom_diffusion import WEIGHTS_FILE
+
+    module = make(CustomDiffusion, {"placeholder": "<new1>", "train_q_out": True}).eval()
+    perturb_trainable(module, scale=0.2)
+    folder = module.save_artifact(tmp_path / "cd")
+
+    pipe = load_components("tiny").pipeline()
+    # _pipeline: diffusers 0.42 installs the loaded processors only then (huggingface/diffusers#9320)
+    pipe.unet.load_attn_procs(folder, weight_name=WEIGHTS_FILE, _pipeline=pipe)
+    pipe.load_textual_inversion(folder)
+    kinds = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    assert kinds == {"CustomDiffusionAttnProcessor"}
+    prompt = f"a photo of {module.concept_phrase}"
+    with torch.no_grad():
+        ours = pipeline_images(module.components.pipeline(), prompt)
+        theirs = pipeline_images(pipe, prompt)
+    # the processor attends with bmm instead of scaled_dot_product_attention: float32 rounding only
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- Custom Diffusion
+
+
+def test_custom_diffusion_trains_cross_attention_and_the_modifier_token_only():
+    kv = make(CustomDiffusion, {"placeholder": "<new1>"})
+    assert kv.trainable_state_keys() == {k for k in kv.trainable_state_keys()
+                                         if ".attn2.to_k." in k or ".attn2.to_v." in k or k.endswith("token_embedding.new")}
+    assert any(k.endswith("token_embedding.new") for k in kv.trainable_state_keys())
+    full = make(CustomDiffusion, {"placeholder": "<new1>", "train_q_out": True})
+    assert all(".attn2." in k or k.endswith("token_embedding.new") for k in full.trainable_state_keys())
+    assert any(".attn2.to_out.0.bias" in k for k in full.trainable_state_keys())
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_custom_diffusion_start_token_key_value_get_no_gradient(detach):
+    module = make(CustomDiffusion, {"placeholder": "<new1>", "detach_start_token": detach})
+    x, t, _ = unet_inputs()
+    cond = torch.zeros(2, 77, 32)
+    cond[:, 0] = torch.randn(2, 32)  # only the start token carries anything
+    module.unet(x, t, cond).sample.square().sum().backward()
+    grads = [attn.to_k.weight.grad for attn in module.cross_attention_layers().values()]
+    assert all(g is not None for g in grads)
+    assert all((g.abs().max() == 0) == detach for g in grads)
+
+
+# --------------------------------------------------------------------------- SVDiff
+
+
+def test_svdiff_decomposition_reconstructs_the_weights():
+    module = make(SVDiff, {})
+    shifts = module.spectral_shifts()
+    assert any(s.is_vector for s in shifts.values()) and any(k.startswith("text_encoder.") for k in shifts)
+    for key, shift in shifts.items():
+        layer = module.get_submodule(key.removesuffix(".weight"))
+        original = layer.parametrizations.weight.original
+        assert torch.equal(layer.weight, original)  # δ = 0: bit-identical
+        # eq. 1 written out, U·diag(relu(σ))·Vᵀ, is W up to the SVD's rounding
+        torch.testing.assert_close(shift.reconstruct().reshape(original.shape), original, atol=1e-5, rtol=1e-5)
+    perturb_trainable(module, scale=0.5)
+    for key, shift in shifts.items():
+        layer = module.get_submodule(key.removesuffix(".weight"))
+        torch.testing.assert_close(layer.weight.detach(), shift.reconstruct().reshape(layer.weight.shape).detach(),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_svdiff_decomposes_once_and_checkpoints_only_the_shifts(demo_dm, monkeypatch):
+    module = make(SVDiff, {"learning_rate_1d": 1e-6})
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("SVD recomputed during training")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    quiet_trainer(max_steps=2, limit_val_batches=0).fit(module, demo_dm)
+
+    groups = module.trainer.optimizers[0].param_groups
+    vectors = {id(s.delta) for s in module.spectral_shifts().values() if s.is_vector}
+    assert [g["lr"] for g in groups] == [1e-2, 1e-6]  # lr, lr of the 1-d (norm) shifts
+    assert {id(p) for p in groups[1]["params"]} == vectors and vectors
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all(k.endswith(".delta") for k in checkpoint["state_dict"])
+    assert not any(k.endswith((".U", ".S", ".Vh")) for k in module.state_dict())
+
+
+def test_svdiff_options_choose_the_layers():
+    lean = make(SVDiff, {"train_text_encoder": False, "include_norms": False})
+    assert not any(s.is_vector for s in lean.spectral_shifts().values())
+    assert all(k.startswith("unet.") for k in lean.spectral_shifts())
+
+
+# --------------------------------------------------------------------------- OFT / BOFT
+
+
+@pytest.mark.parametrize("cls,kwargs", [(OFT, {"block_size": 8}), (BOFT, {"num_blocks": 4, "train_text_encoder": True})])
+def test_oft_artifact_is_in_peft_layout(cls, kwargs, tmp_path):
+    from peft import PeftConfig
+
+    module = make(cls, kwargs)
+    folder = module.save_artifact(tmp_path / "oft")
+    for part in ("unet", "text_encoder") if module.train_text_encoder else ("unet",):
+        config = PeftConfig.from_pretrained(str(folder / part))
+        assert config.peft_type.value == cls.__name__
+        assert set(config.target_modules) == set(getattr(module, f"{'unet' if part == 'unet' else 'text'}_target_modules"))
+
+
+def test_adapter_options_are_checked():
+    with pytest.raises(ValueError, match="exactly one of block_size"):
+        make(OFT, {"block_size": 8, "num_blocks": 4})
