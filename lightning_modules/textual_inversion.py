@@ -53,7 +53,10 @@ class TextualInversion(PersonalizationModule):
 
     @property
     def concept_phrase(self) -> str:
-        return f"{self.placeholder} {self.superclass}".strip() if self.include_superclass else self.placeholder
+        # written as the text encoder sees it (``<p> <p>_1 ...``), so samplers that locate
+        # the concept's tokens (masked, Photoswap) find every vector
+        phrase = expand_placeholder(self.placeholder, self.placeholder, self.num_vectors)
+        return f"{phrase} {self.superclass}".strip() if self.include_superclass else phrase
 
     def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
         prompts = [expand_placeholder(p, self.placeholder, self.num_vectors) for p in prompts]

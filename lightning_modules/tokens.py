@@ -87,5 +87,7 @@ def expand_placeholder(prompt: str, placeholder: str, num_vectors: int) -> str:
     """Write a multi-vector placeholder as its tokens: ``<p>`` -> ``<p> <p>_1 <p>_2``."""
     if num_vectors <= 1:
         return prompt
-    pattern = re.escape(placeholder) + r"(?!_\d)"  # leave already expanded tokens alone
-    return re.sub(pattern, " ".join(token_names(placeholder, num_vectors)), prompt)
+    full = " ".join(token_names(placeholder, num_vectors))
+    prompt = prompt.replace(full, placeholder)  # idempotent: collapse, then expand every occurrence
+    pattern = re.escape(placeholder) + r"(?!_\d)"
+    return re.sub(pattern, full, prompt)

@@ -71,3 +71,14 @@ def test_every_sampler_runs_on_the_artifact(method, name):
         torch.testing.assert_close(out.images, base_images, atol=1e-5, rtol=0)
     else:
         assert (out.images - base_images).abs().max() > 1e-4  # the method's conditioning or weights are used
+
+
+def test_masked_sampler_locates_every_vector_of_a_multi_vector_token():
+    from lightning_modules import TextualInversion
+    from samplers.attention import concept_token_positions
+
+    model = TextualInversion(pretrained_model="tiny", placeholder="<ball1>", superclass="ball", num_vectors=3)
+    positions = concept_token_positions(model.tokenizer, "a {} on the beach", model.concept_phrase, model.superclass)
+    ids = model.tokenizer(model.concept_phrase, add_special_tokens=False).input_ids
+    full = model.tokenizer(f"a {model.concept_phrase} on the beach").input_ids
+    assert [full[p] for p in positions] == ids and len(ids) == 3

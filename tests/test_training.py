@@ -183,3 +183,15 @@ def test_bf16_mixed_keeps_trainable_parameters_fp32(demo_dm):
     assert module.token_embedding.new.dtype == torch.float32
     assert not torch.equal(module.token_embedding.new, before)
     assert torch.isfinite(module.token_embedding.new).all()
+
+
+def test_multi_vector_placeholder_expansion_is_idempotent():
+    from lightning_modules.tokens import expand_placeholder
+
+    once = expand_placeholder("a <p> and a <p> dog", "<p>", 3)
+    assert once == "a <p> <p>_1 <p>_2 and a <p> <p>_1 <p>_2 dog"
+    assert expand_placeholder(once, "<p>", 3) == once
+    module = make(TextualInversion, {"placeholder": "<ball1>", "num_vectors": 3})
+    assert module.concept_phrase == "<ball1> <ball1>_1 <ball1>_2"
+    ids = module.tokenizer(module.concept_phrase, add_special_tokens=False).input_ids
+    assert ids == module.tokenizer.convert_tokens_to_ids(["<ball1>", "<ball1>_1", "<ball1>_2"])
