@@ -38,6 +38,8 @@ from datamodules.prompts import dreambooth_prompts, prompt_set_for_class, read_d
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = "_mask"
+PROMPTS_FILE = "prompts.txt"  # optional: a concept folder's own validation prompt set
+MINIWORLD_PREFIX = "miniworld:"
 
 
 class ConceptDataError(ValueError):
@@ -216,8 +218,10 @@ class ConceptDataModule(L.LightningDataModule):
     """One concept for any fine-tuning method.
 
     Args:
-        concept_dir: folder of concept images (+ optional ``<name>_mask.png`` masks), or
-            ``"demo"`` for the synthetic demo concept. Leave unset with ``dreambooth_root``.
+        concept_dir: folder of concept images (+ optional ``<name>_mask.png`` masks and
+            ``prompts.txt``), ``"demo"`` for the synthetic demo concept, or
+            ``"miniworld:<concept>"`` for a MiniWorld personal concept. Leave unset with
+            ``dreambooth_root``.
         dreambooth_root: a DreamBooth-layout dataset root (one folder per subject and
             ``prompts_and_classes.txt``); with ``subject``.
         subject: the subject folder name under ``dreambooth_root``, e.g. ``"dog"``.
@@ -239,7 +243,8 @@ class ConceptDataModule(L.LightningDataModule):
         class_model: base model (hub id, folder, ``"tiny"``) that generates missing class
             images once, cached in ``class_dir``.
         class_guidance, class_steps: guidance scale and DDIM steps for class generation.
-        validation_prompts: ``"auto"`` (the DreamBooth set fitting the superclass),
+        validation_prompts: ``"auto"`` (the concept folder's ``prompts.txt`` if any, else
+            the DreamBooth set fitting the superclass),
             ``"object"``, ``"live"``, a file with one template per line, or a list.
         num_validation_prompts: how many of them validation callbacks use (0: all).
         batch_size: concept images per step (each paired with a class image if any).
@@ -291,6 +296,9 @@ class ConceptDataModule(L.LightningDataModule):
 
             superclass = superclass or DEMO_SUPERCLASS
             concept_dir = str(demo_concept_dir())
+        elif concept_dir.startswith(MINIWORLD_PREFIX):
+            concept_dir, world_superclass = miniworld_concept_dir(concept_dir[len(MINIWORLD_PREFIX):])
+            superclass = superclass or world_superclass
         if superclass is None or not superclass.strip():
             raise ConceptDataError(
                 "The superclass word is empty: set superclass to the concept's class word, e.g. superclass: dog."
@@ -315,8 +323,11 @@ class ConceptDataModule(L.LightningDataModule):
         self.class_images: list[ConceptImage] = []
 
     def _validation_templates(self, spec: str | list[str], limit: int) -> list[str]:
+        own = Path(self.concept_dir) / PROMPTS_FILE
         if isinstance(spec, list):
             templates = spec
+        elif spec == "auto" and own.exists():
+            templates = read_prompt_file(own)  # the concept folder's own prompt set
         elif spec == "auto":
             templates = dreambooth_prompts(prompt_set_for_class(self.superclass))
         elif spec in ("object", "live"):
@@ -390,6 +401,29 @@ class ConceptDataModule(L.LightningDataModule):
             h.update(c.path.name.encode())
             h.update(c.image.tobytes())
         return h.hexdigest()[:16]
+
+
+def miniworld_concept_dir(name: str) -> tuple[str, str]:
+    """A MiniWorld personal concept as a concept folder in the cache (written on first use),
+    and its superclass word."""
+    import os
+
+    from components.loader import cache_dir
+    from miniworld import CONCEPTS, write_concept
+
+    if name not in CONCEPTS:
+        raise ConceptDataError(f"Unknown MiniWorld concept {name!r}: choose one of {', '.join(sorted(CONCEPTS))}.")
+    folder = cache_dir() / f"miniworld-concept-{name}-v1"
+    if not (folder / "concept.json").exists():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        write_concept(name, tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder), CONCEPTS[name].superclass
 
 
 def _list_images(folder: Path) -> list[Path]:

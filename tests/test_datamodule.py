@@ -177,3 +177,15 @@ def test_collate_keeps_instances_before_priors():
     a, b = ex(False), ex(False)
     a["prior"], b["prior"] = ex(True), ex(True)
     assert collate([a, b])["is_prior"].tolist() == [False, False, True, True]
+
+
+def test_miniworld_concept_source_and_folder_prompts(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path))
+    from miniworld import CONCEPTS, PROMPTS
+
+    dm = ConceptDataModule(concept_dir="miniworld:green_dotted_cube", resolution=32, use_masks=True)
+    assert dm.superclass == CONCEPTS["green_dotted_cube"].superclass == "cube"
+    assert len(dm.concept_images) == 5 and all(c.mask is not None for c in dm.concept_images)
+    assert dm.validation_templates == list(PROMPTS)  # the folder's own prompts.txt
+    with pytest.raises(ConceptDataError, match="Unknown MiniWorld concept 'nope'"):
+        ConceptDataModule(concept_dir="miniworld:nope", resolution=32)
