@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from wandb_offline import images, metric_values, run_dir
 
@@ -17,11 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
     out = tmp_path / "outputs" / "quickstart"  # the config's relative paths, under cwd
-    args = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-            "--trainer.max_epochs", "2", "--data.repeats", "4"]
+    # the README's config, shortened: 4 epochs of 3 steps, validation every 2 epochs
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["trainer"].update(max_epochs=4, check_val_every_n_epoch=2)
+    cfg["data"]["init_args"]["repeats"] = 2
+    validation = cfg["trainer"]["callbacks"][3]["init_args"]
+    validation.update(every_n_epochs=2, num_prompts=2, num_images=1)
+    (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(cfg))
+    args = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(tmp_path / "quickstart.yaml")]
     # a W&B run started earlier in this pytest process leaves service variables in the
     # environment; the child must start its own service
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") or k in ("WANDB_MODE", "WANDB_SILENT")}
+    # the config names repository paths (miniworld/pretrained/...): run from a folder that
+    # sees them, writing outputs under tmp_path
+    for name in ("miniworld",):
+        (tmp_path / name).symlink_to(ROOT / name)
     proc = subprocess.run(args, cwd=tmp_path, env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -30,6 +41,10 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
     assert len(losses) >= 3 and all(0 < v < 10 for v in losses)
     grids = images(run, "images")
     assert len(grids) == 2  # one grid per validation epoch
+    for sampler in ("concept", "superclass", "mixed"):  # SamplerValidation with MiniWorld's CLIP and DINO
+        for metric in ("clip_i", "clip_t", "dino"):
+            values = metric_values(run, f"val/{sampler}/{metric}")
+            assert values and all(-1 <= v <= 1 for v in values), (sampler, metric)
     grid = grids[-1]
     assert grid.shape[0] > 4 * 32 and grid.std() > 5  # 4 prompt rows of 32 px images, not blank
     assert (out / "checkpoints" / "last.ckpt").exists()
