@@ -180,7 +180,8 @@ def tiny_preset_folder(prediction_type: str = "epsilon", seed: int = 0) -> Path:
     folder = cache_dir() / f"tiny-sd-{prediction_type}-{digest}"
     if not (folder / "model_index.json").exists():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_components(prediction_type, seed).save_pretrained(tmp)
+        with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
+            build_tiny_components(prediction_type, seed).save_pretrained(tmp)
         try:
             tmp.rename(folder)  # atomic: concurrent builders never see a half-written folder
         except OSError:

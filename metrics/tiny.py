@@ -92,10 +92,11 @@ def tiny_backbone_folder(kind: str = "clip", seed: int = 0, full_size: bool = Fa
     folder = cache_dir() / f"{'full' if full_size else 'tiny'}-{kind}-{digest}"
     if not (folder / "config.json").exists():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        if kind == "clip":
-            save_tiny_clip(tmp, seed, full_size)
-        else:
-            save_tiny_dino(tmp, kind, seed, full_size)
+        with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
+            if kind == "clip":
+                save_tiny_clip(tmp, seed, full_size)
+            else:
+                save_tiny_dino(tmp, kind, seed, full_size)
         try:
             tmp.rename(folder)  # atomic: concurrent builders never see a half-written folder
         except OSError:

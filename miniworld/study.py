@@ -160,7 +160,7 @@ def run_study(cfg: dict, out: Path, log=print) -> dict:
     for method, spec in cfg["methods"].items():
         for concept in cfg["concepts"]:
             t0 = time.time()
-            train_one(spec, base, root / concept, out / "artifacts" / method / concept, cfg.get("data", {}), seed)
+            train_one(spec, base, root / concept, out / "artifacts" / method / concept, cfg.get("concept_data", {}), seed)
             log(f"[study] trained {method} on {concept} ({time.time() - t0:.0f} s)")
         ecfg = EvalConfig(
             model=base, artifact=str(out / "artifacts" / method / "{subject}"), dreambooth_root=str(root),

@@ -12,7 +12,7 @@ from miniworld.study import findings, front_height, load_config, run_study
 TINY = {
     "base": "tiny", "clip": "tiny", "dino": "tiny", "seed": 0,
     "concepts": ["orange_checkered_ball", "green_dotted_cube"],
-    "data": {"resolution": 32, "batch_size": 2},
+    "concept_data": {"resolution": 32, "batch_size": 2},
     "methods": {
         "dreambooth_qkv": {"class_path": "lightning_modules.DreamBoothQKV", "max_steps": 2},
         "textual_inversion": {"class_path": "lightning_modules.TextualInversion", "placeholder": "<c>", "max_steps": 2},
