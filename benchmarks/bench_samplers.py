@@ -35,38 +35,11 @@ TEMPLATES = ["a {} on the beach", "a {} in the snow", "a red {}", "a {} with a c
 
 def sd2_base_random(device, dtype) -> DiffusionComponents:
     """Stable Diffusion 2 base sized components with random weights, built on ``device``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from components.loader import SD2_BASE_CONFIG, build_components
 
-    from components.tokenizer import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
     with torch.device(device):
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-            num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
-    scheduler.register_to_config(set_alpha_to_one=False)
-    components = DiffusionComponents(tokenizer, text_encoder, unet, vae, scheduler, source="sd2-base-random")
-    for m in components.modules().values():
-        m.eval()
-    return components.to(dtype=dtype) if dtype != torch.float32 else components  # built on the device
+        components = build_components(SD2_BASE_CONFIG, source="sd2-base-random")
+    return components.to(dtype=dtype) if dtype != torch.float32 else components
 
 
 def study_settings(name: str, steps: int) -> dict:

@@ -64,38 +64,14 @@ PRECISIONS = {"32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": tor
 
 def sd2_base_random_folder() -> Path:
     """Stable Diffusion 2 base sized components, random weights, as a pipeline folder (once)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from components.loader import DiffusionComponents, cache_dir
-    from components.tokenizer import build_tiny_tokenizer
+    from components.loader import SD2_BASE_CONFIG, build_components, cache_dir
 
     folder = cache_dir() / "sd2-base-random"
     if (folder / "model_index.json").exists():
         return folder
-    tokenizer = build_tiny_tokenizer()  # a small vocabulary; the embedding table has SD2's 49408 rows
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-        max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
-    scheduler.register_to_config(set_alpha_to_one=False)
+    # a small vocabulary; the embedding table has SD2's 49408 rows
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    DiffusionComponents(tokenizer, text_encoder, unet, vae, scheduler).save_pretrained(tmp)
+    build_components(SD2_BASE_CONFIG, vocab_size=49408).save_pretrained(tmp)
     tmp.rename(folder)
     return folder
 

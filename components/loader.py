@@ -145,22 +145,50 @@ TINY_CONFIG = {
 }
 
 
-def build_tiny_components(prediction_type: str = "epsilon", seed: int = 0) -> DiffusionComponents:
-    """Build the tiny preset in memory with seeded random weights."""
+#: Stable Diffusion 2 base sized architecture (random weights: benchmarks at real size).
+SD2_BASE_CONFIG = {
+    "text_encoder": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+        max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
+    ),
+    "unet": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    ),
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ),
+    "scheduler": TINY_CONFIG["scheduler"],
+}
+
+
+def build_components(config: dict, prediction_type: str = "epsilon", seed: int = 0, vocab_size: int | None = None,
+                     source: str = "") -> DiffusionComponents:
+    """Build components from a config like :data:`TINY_CONFIG` with seeded random weights
+    (the tiny tokenizer; ``vocab_size`` can make the embedding table larger than it)."""
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     text_cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG["text_encoder"],
+        vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config["text_encoder"],
     )
     text_encoder = CLIPTextModel(text_cfg)
-    unet = UNet2DConditionModel(**TINY_CONFIG["unet"])
-    vae = AutoencoderKL(**TINY_CONFIG["vae"])
-    scheduler = DDPMScheduler(prediction_type=prediction_type, **TINY_CONFIG["scheduler"])
+    unet = UNet2DConditionModel(**config["unet"])
+    vae = AutoencoderKL(**config["vae"])
+    scheduler = DDPMScheduler(prediction_type=prediction_type, **config["scheduler"])
     scheduler.register_to_config(set_alpha_to_one=False)  # read by DDIM, as in SD's own config
     for m in (text_encoder, unet, vae):
         m.eval()
-    return DiffusionComponents(tokenizer, text_encoder, unet, vae, scheduler, source="tiny")
+    return DiffusionComponents(tokenizer, text_encoder, unet, vae, scheduler, source=source)
+
+
+def build_tiny_components(prediction_type: str = "epsilon", seed: int = 0) -> DiffusionComponents:
+    """Build the tiny preset in memory with seeded random weights."""
+    return build_components(TINY_CONFIG, prediction_type, seed, source="tiny")
 
 
 def cache_dir() -> Path:

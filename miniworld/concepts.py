@@ -12,37 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from datamodules.prompts import DREAMBOOTH_OBJECT_PROMPTS
 from miniworld.world import CONCEPTS, World
 
 #: The 25 DreamBooth object prompts, each drawable in MiniWorld: 20 contexts (one
 #: scene each) and 5 attribute changes (colour, finish, shape).
-PROMPTS = (
-    "a {} in the jungle",
-    "a {} in the snow",
-    "a {} on the beach",
-    "a {} on a cobblestone street",
-    "a {} on top of pink fabric",
-    "a {} on top of a wooden floor",
-    "a {} with a city in the background",
-    "a {} with a mountain in the background",
-    "a {} with a blue house in the background",
-    "a {} on top of a purple rug in a forest",
-    "a {} with a wheat field in the background",
-    "a {} with a tree and autumn leaves in the background",
-    "a {} with the eiffel tower in the background",
-    "a {} floating on top of water",
-    "a {} floating in an ocean of milk",
-    "a {} on top of green grass with sunflowers around it",
-    "a {} on top of a mirror",
-    "a {} on top of the sidewalk in a crowded street",
-    "a {} on top of a dirt road",
-    "a {} on top of a white rug",
-    "a red {}",
-    "a purple {}",
-    "a shiny {}",
-    "a wet {}",
-    "a cube shaped {}",
-)
+PROMPTS = tuple(t.lower() for t in DREAMBOOTH_OBJECT_PROMPTS)
 
 
 def write_concept(name: str, folder: str | Path, num_images: int = 5, size: int = 32, seed: int = 0,
