@@ -17,7 +17,8 @@
 Writes to ``--output``: results.csv (subject, sampler, setting, CLIP-I, CLIP-T, DINO, UNet
 evaluations per image), summary.csv (mean over subjects, Pareto flags), pareto.png and
 pareto_dino.png, grids/ (rows prompts, columns images). Rerunning the same command skips
-the cells already in results.csv.
+the cells already in results.csv. A mistake is one short message naming the fix; ``--debug``
+(or ``PERSONALIZE_DEBUG=1``) shows its traceback.
 """
 
 from __future__ import annotations
@@ -141,4 +142,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from components.errors import run_command
+
+    run_command(main, prog="evaluate.py")

@@ -10,7 +10,8 @@ and superclass prompts itself. Images are named ``p<prompt index>_i<image index>
 ``manifest.jsonl`` holds one record per image (prompt, template, seed, index, sampler,
 settings, cost) and ``run.json`` the settings of the run. Running the same command again
 resumes: images already written are skipped. An output folder holding images made with
-other settings is an error, never silently mixed.
+other settings is an error, never silently mixed. A mistake is one short message naming the
+fix; ``--debug`` (or ``PERSONALIZE_DEBUG=1``) shows its traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -232,4 +232,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from components.errors import run_command
+
+    run_command(main, prog="sample.py")

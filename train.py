@@ -8,7 +8,9 @@
 ``--model`` picks the method by class path (``lightning_modules.DreamBooth``,
 ``lightning_modules.TextualInversion``, ...). The DataModule's placeholder and
 superclass (filled from the DreamBooth classes file for a DreamBooth subject) are linked
-into the model, so they are set once, under ``data``.
+into the model, so they are set once, under ``data``. A mistake in the settings or the data
+is one short message naming the fix; ``--debug`` (or ``PERSONALIZE_DEBUG=1``) shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -44,4 +46,6 @@ def _has_omegaconf() -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    from components.errors import run_command
+
+    run_command(main, prog="train.py")

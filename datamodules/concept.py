@@ -34,6 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from components.errors import UserError
 from datamodules.prompts import dreambooth_prompts, prompt_set_for_class, read_dreambooth_classes, read_prompt_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -42,7 +43,7 @@ PROMPTS_FILE = "prompts.txt"  # optional: a concept folder's own validation prom
 MINIWORLD_PREFIX = "miniworld:"
 
 
-class ConceptDataError(ValueError):
+class ConceptDataError(UserError):
     """Bad concept data, reported before any training starts."""
 
 
