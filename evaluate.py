@@ -14,8 +14,13 @@
     # 4 GPUs (Lightning Fabric DDP): each rank takes its share of the cells
     python evaluate.py --config configs/eval/mixed_sweep.yaml --devices 4
 
+    # a MiniWorld concept, with the world's ground truth (judge identity / prompt accuracy)
+    python -m miniworld write-concept orange_checkered_ball concepts/ball
+    python evaluate.py --model miniworld/pretrained/sd --concept-dir concepts/ball --superclass ball \
+        --clip miniworld/pretrained/clip --dino miniworld/pretrained/dino --judge miniworld/pretrained/judge
+
 Writes to ``--output``: results.csv (subject, sampler, setting, CLIP-I, CLIP-T, DINO, UNet
-evaluations per image), summary.csv (mean over subjects, Pareto flags), pareto.png and
+evaluations per image; with --judge also identity and prompt accuracy), summary.csv (mean over subjects, Pareto flags), pareto.png and
 pareto_dino.png, grids/ (rows prompts, columns images). Rerunning the same command skips
 the cells already in results.csv. A mistake is one short message naming the fix; ``--debug``
 (or ``PERSONALIZE_DEBUG=1``) shows its traceback.
@@ -65,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--no-dino", action="store_true", help="skip the DINO metric")
     e.add_argument("--clip-backend", choices=["transformers", "open_clip"], help=f"[{d.clip_backend}]")
     e.add_argument("--clip-t-text", choices=["superclass", "remove"], help=f"CLIP-T text: slot filled with the superclass word, or removed [{d.clip_t_text}]")
+    e.add_argument("--judge", help="MiniWorld judge folder (miniworld/pretrained/judge): also the ground-truth identity and "
+                                   "prompt accuracy of MiniWorld concepts [none]")
     r = p.add_argument_group("run")
     r.add_argument("--output", help=f"output folder (results.csv, plots, grids) [{d.output}]")
     r.add_argument("--device", help=f"device of a single-process run: auto, cpu, cuda, cuda:1 [{d.device}]")
@@ -86,7 +93,7 @@ def build_config(args: argparse.Namespace):
         subjects=args.subjects, concept_dir=args.concept_dir, superclass=args.superclass, prompts=args.prompts,
         num_prompts=args.num_prompts, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
         clip=args.clip, dino=args.dino, clip_backend=args.clip_backend, clip_t_text=args.clip_t_text,
-        output=args.output, device=args.device, devices=args.devices, accelerator=args.accelerator,
+        judge=args.judge, output=args.output, device=args.device, devices=args.devices, accelerator=args.accelerator,
         num_nodes=args.num_nodes, wandb_project=args.wandb_project, wandb_name=args.wandb_name,
     )
     if args.sweep:

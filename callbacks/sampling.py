@@ -2,6 +2,10 @@
 validation prompts × image seeds, score the images with CLIP-I, CLIP-T and DINO, and log
 ``val/<sampler>/clip_i``, ``val/<sampler>/clip_t``, ``val/<sampler>/dino`` and one image
 grid per sampler (rows prompts, columns seeds; uint8) to every logger of the trainer.
+For a MiniWorld concept, ``judge: miniworld/pretrained/judge`` adds the world's ground
+truth, ``val/<sampler>/identity`` and ``val/<sampler>/prompt`` (shares of images showing
+the concept / what the prompt asks; :mod:`miniworld.metrics`); ``print_values: true``
+prints every run's figures.
 
 The (prompt, seed) cells are sharded across ranks (rank r takes cells i % world == r);
 the metrics all-reduce their sums and counts, and rank 0 gathers the images for the
@@ -89,6 +93,10 @@ class SamplerValidation(L.Callback):
             concept images.
         superclass: CLIP-T class word; None: the module's ``superclass``.
         run_on_validate: also run at the end of ``trainer.validate``.
+        judge: a MiniWorld judge folder (``miniworld/pretrained/judge``): also log the
+            ground-truth ``identity`` and ``prompt`` accuracy (MiniWorld concepts only:
+            the concept folder's ``concept.json`` gives the object).
+        print_values: print each run's figures (rank 0), e.g. for a quickstart's console.
     """
 
     def __init__(
@@ -108,6 +116,8 @@ class SamplerValidation(L.Callback):
         reference_images: str | None = None,
         superclass: str | None = None,
         run_on_validate: bool = True,
+        judge: str | None = None,
+        print_values: bool = False,
     ):
         self.entries = _build_entries(list(samplers))
         if prompts is not None and any("{}" not in p for p in prompts):
@@ -121,6 +131,10 @@ class SamplerValidation(L.Callback):
         self.every_n_steps, self.every_n_epochs = every_n_steps or 0, every_n_epochs or 0
         self.clip, self.dino, self.clip_backend, self.clip_t_text = clip, dino, clip_backend, clip_t_text
         self.reference_images, self.superclass, self.run_on_validate = reference_images, superclass, run_on_validate
+        self.judge, self.print_values = judge, print_values
+        if judge is not None and not (Path(judge) / "judge.safetensors").is_file():
+            raise ValueError(f"SamplerValidation judge={judge!r} is not a MiniWorld judge folder (no judge.safetensors): "
+                             "use miniworld/pretrained/judge, or leave judge unset.")
         self._metrics: dict[str, ConceptMetrics] | None = None
         self._cache = ReferenceCache()
         self._reference_tensors: list[torch.Tensor] | None = None
@@ -192,9 +206,29 @@ class SamplerValidation(L.Callback):
     def _build_metrics(self, device) -> dict[str, ConceptMetrics]:
         clip = load_clip_backbone(self.clip, backend=self.clip_backend) if self.clip else None
         dino = load_dino_backbone(self.dino) if self.dino else None
+        judge = None
+        if self.judge:
+            from miniworld.judge import load_judge
+
+            judge = load_judge(self.judge)
         return {e.name: ConceptMetrics(clip=None, dino=None, clip_backend=self.clip_backend, clip_t_mode=self.clip_t_text,
-                                       cache=self._cache, clip_backbone=clip, dino_backbone=dino).to(device)
+                                       cache=self._cache, clip_backbone=clip, dino_backbone=dino, judge_model=judge).to(device)
                 for e in self.entries}
+
+    def _truth(self, trainer):
+        """The MiniWorld concept's ground-truth object, for the judge's identity accuracy."""
+        if not self.judge:
+            return None
+        from miniworld.concepts import read_concept_truth
+
+        folder = self.reference_images
+        if folder is None and trainer.datamodule is not None:
+            folder = getattr(trainer.datamodule, "concept_dir", None)
+        truth = read_concept_truth(folder) if folder else None
+        if truth is None:
+            raise ValueError(f"SamplerValidation judge: {folder} is not a MiniWorld concept folder (no concept.json with "
+                             "the object): train on concept_dir: miniworld:<concept>, or leave judge unset.")
+        return truth
 
     @torch.no_grad()
     def _sample_and_score(self, trainer, pl_module) -> dict:
@@ -206,12 +240,13 @@ class SamplerValidation(L.Callback):
         mine = list(range(trainer.global_rank, len(cells), trainer.world_size))
         reference = self._reference(trainer)
         superclass = self.superclass or pl_module.superclass
+        truth = self._truth(trainer)
         pl_module.eval()
         local = {"cells": len(cells), "rows": len(templates), "mine": mine, "images": {}, "cost": {}}
         for e in self.entries:
             metrics = self._metrics[e.name]
             metrics.to(pl_module.device)
-            metrics.set_concept(reference, superclass)  # embeddings cached after the first time
+            metrics.set_concept(reference, superclass, truth=truth)  # embeddings cached after the first time
             if not mine:
                 continue
             out = e.sampler.sample_cells(pl_module, [cells[k] for k in mine], seed=self.seed, batch_size=self.batch_size)
@@ -238,6 +273,12 @@ class SamplerValidation(L.Callback):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
+        if self.print_values:
+            for e in self.entries:
+                mine = {k.rsplit("/", 1)[1]: v for k, v in values.items() if k.startswith(f"val/{e.name}/")}
+                text = " ".join(f"{k} {100 * v:.1f}%" if k in ("identity", "prompt") else f"{k} {v:.3f}"
+                                for k, v in mine.items())
+                print(f"[validation step {step}] {e.name}: {text}", flush=True)
         templates = self.templates(trainer)
         for e in self.entries:
             grid = _assemble(gathered, e.name, local["cells"])

@@ -221,8 +221,10 @@ class ConceptDataModule(L.LightningDataModule):
     Args:
         concept_dir: folder of concept images (+ optional ``<name>_mask.png`` masks and
             ``prompts.txt``), ``"demo"`` for the synthetic demo concept, or
-            ``"miniworld:<concept>"`` for a MiniWorld personal concept. Leave unset with
-            ``dreambooth_root``.
+            ``"miniworld:<concept>"`` for a MiniWorld personal concept (5 views in one
+            shared scene; ``"miniworld:<concept>:<context>:<views>"`` picks the context,
+            ``scene``, ``prop`` or ``varied``, and/or the number of views, e.g.
+            ``miniworld:green_dotted_cube:varied:6``). Leave unset with ``dreambooth_root``.
         dreambooth_root: a DreamBooth-layout dataset root (one folder per subject and
             ``prompts_and_classes.txt``); with ``subject``.
         subject: the subject folder name under ``dreambooth_root``, e.g. ``"dog"``.
@@ -404,20 +406,31 @@ class ConceptDataModule(L.LightningDataModule):
         return h.hexdigest()[:16]
 
 
-def miniworld_concept_dir(name: str) -> tuple[str, str]:
+def miniworld_concept_dir(spec: str) -> tuple[str, str]:
     """A MiniWorld personal concept as a concept folder in the cache (written on first use),
-    and its superclass word."""
+    and its superclass word. ``spec``: ``<concept>[:<context>][:<views>]``."""
     import os
 
     from components.loader import cache_dir
     from miniworld import CONCEPTS, write_concept
+    from miniworld.concepts import CONTEXTS
 
+    name, *options = spec.split(":")
     if name not in CONCEPTS:
         raise ConceptDataError(f"Unknown MiniWorld concept {name!r}: choose one of {', '.join(sorted(CONCEPTS))}.")
-    folder = cache_dir() / f"miniworld-concept-{name}-v1"
+    context, views = "scene", 5
+    for opt in options:
+        if opt in CONTEXTS:
+            context = opt
+        elif opt.isdigit() and 1 <= int(opt) <= 20:
+            views = int(opt)
+        else:
+            raise ConceptDataError(f"miniworld:{spec}: {opt!r} is neither a context ({', '.join(CONTEXTS)}) nor a "
+                                   "number of views (1-20), e.g. miniworld:green_dotted_cube:varied:6.")
+    folder = cache_dir() / f"miniworld-concept-{name}-{context}-{views}-v2"
     if not (folder / "concept.json").exists():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        write_concept(name, tmp)
+        write_concept(name, tmp, num_images=views, context=context)
         try:
             tmp.rename(folder)
         except OSError:

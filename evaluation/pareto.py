@@ -17,7 +17,8 @@ from evaluation.results import NUMERIC
 # setting names -> the paper's symbols, for plot labels
 _SYMBOLS = {"guidance_superclass_0": "ω⁰_s", "guidance_concept_0": "ω⁰_c", "guidance_superclass": "ω_s",
             "guidance_concept": "ω_c", "guidance_refine": "ω_ref", "guidance": "ω"}
-_NAMES = {"clip_i": "CLIP-I (concept fidelity)", "clip_t": "CLIP-T (prompt fidelity)", "dino": "DINO (concept fidelity)"}
+_NAMES = {"clip_i": "CLIP-I (concept fidelity)", "clip_t": "CLIP-T (prompt fidelity)", "dino": "DINO (concept fidelity)",
+          "identity": "identity accuracy (judge; concept fidelity)", "prompt": "prompt accuracy (judge; prompt fidelity)"}
 
 
 def short_label(label: str) -> str:
@@ -52,7 +53,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (curve, sampler, settings), rs in groups.items():
         row = {"curve": curve, "sampler": sampler, "setting": rs[0]["setting"], "settings": settings, "subjects": len(rs)}
         for c in NUMERIC:
-            vals = [float(r[c]) for r in rs if not math.isnan(float(r[c]))]
+            vals = [float(r[c]) for r in rs if not math.isnan(float(r.get(c, math.nan)))]
             row[c] = sum(vals) / len(vals) if vals else math.nan
         out.append(row)
     front = pareto_mask([r["clip_t"] for r in out], [r["clip_i"] for r in out])
@@ -62,7 +63,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def plot_pareto(summary: list[dict], path: str | os.PathLike, x: str = "clip_t", y: str = "clip_i", title: str | None = None) -> Path:
-    """One curve per sweep entry, each point labelled with its setting, the front highlighted."""
+    """One curve per sweep entry, each point labelled with its setting, the front (of these
+    two axes) highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +78,8 @@ def plot_pareto(summary: list[dict], path: str | os.PathLike, x: str = "clip_t",
         line, = ax.plot([p[x] for p in pts], [p[y] for p in pts], marker="o", ms=4, lw=1.2, label=curve)
         for p in pts:
             ax.annotate(short_label(p["setting"]), (p[x], p[y]), fontsize=6, color=line.get_color(), xytext=(3, 3), textcoords="offset points")
-    front = sorted((r for r in summary if r.get("pareto")), key=lambda r: r[x])
+    on_front = pareto_mask([float(r[x]) for r in summary], [float(r[y]) for r in summary])
+    front = sorted((r for r, f in zip(summary, on_front) if f), key=lambda r: r[x])
     if front:
         ax.plot([r[x] for r in front], [r[y] for r in front], "k--", lw=1, zorder=3)
         ax.scatter([r[x] for r in front], [r[y] for r in front], s=90, facecolors="none", edgecolors="k", lw=1.3,

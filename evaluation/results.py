@@ -16,9 +16,12 @@ from pathlib import Path
 
 COLUMNS = [
     "subject", "sampler", "curve", "setting", "clip_i", "clip_t", "dino",
-    "unet_evals_per_image", "max_unet_batch", "num_images", "seconds", "settings", "key",
+    "unet_evals_per_image", "max_unet_batch", "num_images", "seconds", "settings", "key", "identity", "prompt",
 ]
-NUMERIC = ("clip_i", "clip_t", "dino", "unet_evals_per_image", "max_unet_batch", "num_images", "seconds")
+NUMERIC = ("clip_i", "clip_t", "dino", "unet_evals_per_image", "max_unet_batch", "num_images", "seconds", "identity",
+           "prompt")
+#: columns a row may lack (tables written before they existed, or runs without a MiniWorld judge)
+OPTIONAL = ("identity", "prompt")
 
 
 def cell_key(subject: str, sampler: str, settings_json: str) -> str:
@@ -31,10 +34,10 @@ def _read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         rows = []
         for row in csv.DictReader(f):
-            if not row.get("key") or any(row.get(c) is None for c in COLUMNS):
+            if not row.get("key") or any(row.get(c) is None for c in COLUMNS if c not in OPTIONAL):
                 continue  # a row cut short by a stopped run: that cell runs again
             for c in NUMERIC:
-                row[c] = float(row[c]) if row[c] not in ("", "nan") else math.nan
+                row[c] = float(row[c]) if row.get(c) not in (None, "", "nan") else math.nan
             rows.append(row)
         return rows
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -44,6 +45,8 @@ class EvalConfig:
     Subjects: ``dreambooth_root`` (+ ``subjects``, default all) or ``concept_dir`` +
     ``superclass``. Prompts: ``"auto"`` (the DreamBooth set of each subject's class),
     ``"object"``, ``"live"``, a file or a list; ``num_prompts`` keeps the first ones.
+    ``judge``: a MiniWorld judge folder: also the ground-truth ``identity`` and ``prompt``
+    accuracy of MiniWorld concepts (:mod:`miniworld.metrics`).
     """
 
     model: str | None = None
@@ -63,6 +66,7 @@ class EvalConfig:
     dino: str | None = DEFAULT_DINO
     clip_backend: str = "transformers"
     clip_t_text: str = "superclass"
+    judge: str | None = None
     output: str = "outputs/eval"
     device: str = "auto"
     devices: int = 1
@@ -91,7 +95,10 @@ class EvalConfig:
     def identity(self) -> dict:
         """What makes two runs' rows comparable; a rerun into the same output must match."""
         keys = ("model", "artifact", "prompts", "num_prompts", "num_images", "seed", "clip", "dino", "clip_backend", "clip_t_text")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.judge:  # only when set, so folders written before the judge existed still match
+            out["judge"] = self.judge
+        return out
 
 
 @dataclass
@@ -190,7 +197,7 @@ def evaluate_cell(model, sampler, subject: Subject, metrics: ConceptMetrics, num
 
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(make_grid(np.concatenate(kept), rows=len(subject.templates))).save(grid_path)
-    return {**{k: values.get(k, float("nan")) for k in ("clip_i", "clip_t", "dino")},
+    return {**{k: values.get(k, float("nan")) for k in ("clip_i", "clip_t", "dino", "identity", "prompt")},
             "unet_evals_per_image": evals / max(n, 1), "max_unet_batch": max_batch, "num_images": n,
             "seconds": round(time.perf_counter() - start, 3)}
 
@@ -243,7 +250,8 @@ def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[s
     new_rows = []
     if mine:
         metrics = ConceptMetrics(cfg.clip, cfg.dino, cfg.clip_backend, cfg.clip_t_text,
-                                 cache=ReferenceCache(cache_dir() / "reference-embeddings"), sync_on_compute=False)
+                                 cache=ReferenceCache(cache_dir() / "reference-embeddings"), sync_on_compute=False,
+                                 judge=cfg.judge)
         metrics.to(ranks.device)
         models = ModelSource(cfg, ranks.device)
         for j, ((subject, point), key) in enumerate(mine):
@@ -254,8 +262,9 @@ def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[s
                    **values, "settings": point.settings_json, "key": key}
             store.append(row, ranks.rank)
             new_rows.append(row)
+            judged = f" identity {100 * row['identity']:.1f}% prompt {100 * row['prompt']:.1f}%" if cfg.judge else ""
             log(f"[eval rank {ranks.rank}] {j + 1}/{len(mine)} {subject.name} {point.sampler} {point.label}: "
-                f"CLIP-I {row['clip_i']:.4f} CLIP-T {row['clip_t']:.4f} DINO {row['dino']:.4f} ({row['seconds']:.1f} s)")
+                f"CLIP-I {row['clip_i']:.4f} CLIP-T {row['clip_t']:.4f} DINO {row['dino']:.4f}{judged} ({row['seconds']:.1f} s)")
     ranks.barrier()
     if ranks.rank != 0:
         return new_rows
@@ -267,8 +276,8 @@ def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[s
 def finish(rows: list[dict], output: Path, cfg: EvalConfig | None = None, grids: list[Path] = ()) -> list[dict]:
     """Summary table (mean over subjects, Pareto flags), Pareto plots, and W&B logging."""
     summary = summarize(rows)
-    cols = ["curve", "sampler", "setting", "clip_i", "clip_t", "dino", "unet_evals_per_image", "max_unet_batch",
-            "subjects", "pareto", "settings"]
+    cols = ["curve", "sampler", "setting", "clip_i", "clip_t", "dino", "identity", "prompt", "unet_evals_per_image",
+            "max_unet_batch", "subjects", "pareto", "settings"]
     with (output / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
@@ -276,6 +285,8 @@ def finish(rows: list[dict], output: Path, cfg: EvalConfig | None = None, grids:
     plots = {"clip_i": plot_pareto(summary, output / "pareto.png", y="clip_i")}
     if any(r["dino"] == r["dino"] for r in summary):  # not all NaN
         plots["dino"] = plot_pareto(summary, output / "pareto_dino.png", y="dino")
+    if any(r["identity"] == r["identity"] for r in summary):  # a MiniWorld judge was used
+        plots["judge"] = plot_pareto(summary, output / "pareto_judge.png", x="prompt", y="identity")
     _log_wandb(rows, summary, plots, grids)
     return summary
 
@@ -287,9 +298,9 @@ def _log_wandb(rows, summary, plots, grids) -> None:
         return
     if wandb.run is None:
         return
-    cols = ["subject", "sampler", "setting", "clip_i", "clip_t", "dino", "unet_evals_per_image"]
+    cols = ["subject", "sampler", "setting", "clip_i", "clip_t", "dino", "identity", "prompt", "unet_evals_per_image"]
     payload = {
-        "eval/results": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows]),
+        "eval/results": wandb.Table(columns=COLUMNS, data=[[r.get(c, math.nan) for c in COLUMNS] for r in rows]),
         "eval/summary": wandb.Table(columns=cols[1:] + ["pareto"], data=[[r[c] for c in cols[1:] + ["pareto"]] for r in summary]),
     }
     for y, path in plots.items():

@@ -1,4 +1,5 @@
-"""The three protocol metrics of one concept together: CLIP-I, CLIP-T and DINO.
+"""The three protocol metrics of one concept together: CLIP-I, CLIP-T and DINO (and, for
+MiniWorld concepts, the judge's ground-truth identity and prompt accuracy).
 
 :class:`ConceptMetrics` loads the backbones once, takes the concept's real images and
 superclass word with :meth:`ConceptMetrics.set_concept`, and scores batches of
@@ -9,6 +10,10 @@ of a batch is computed once and shared by CLIP-I and CLIP-T.
     metrics.set_concept("dreambooth/dog", superclass="dog")
     metrics.update(out.images, out.templates)        # (N, 3, H, W) in [0, 1], N templates
     metrics.compute()                                # {"clip_i": ..., "clip_t": ..., "dino": ...}
+
+With ``judge="miniworld/pretrained/judge"`` it also counts MiniWorld's ground truth
+(:mod:`miniworld.metrics`): ``identity`` and ``prompt`` accuracy, the concept's object read
+from the ``concept.json`` of its folder (or given to ``set_concept(..., truth=)``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from metrics.reference import ReferenceCache
 from metrics.similarity import CLIPImageSimilarity, CLIPTextSimilarity, DINOSimilarity, clip_t_text
 
 METRIC_NAMES = ("clip_i", "clip_t", "dino")
+#: the MiniWorld judge's ground-truth metrics (with ``judge=``)
+JUDGE_METRIC_NAMES = ("identity", "prompt")
 
 
 class ConceptMetrics(nn.Module):
@@ -39,6 +46,8 @@ class ConceptMetrics(nn.Module):
         clip_backbone / dino_backbone: already loaded backbones, used instead of loading.
         sync_on_compute: all-reduce over ranks in ``compute`` (torchmetrics' default).
             False when each rank scores different concepts (sharded evaluation).
+        judge / judge_model: a MiniWorld judge folder (``miniworld/pretrained/judge``) or a
+            loaded judge: adds ``identity`` and ``prompt`` accuracy (MiniWorld concepts only).
     """
 
     def __init__(
@@ -51,6 +60,8 @@ class ConceptMetrics(nn.Module):
         clip_backbone: ClipBackbone | None = None,
         dino_backbone: DinoBackbone | None = None,
         sync_on_compute: bool = True,
+        judge: str | os.PathLike | None = None,
+        judge_model: nn.Module | None = None,
     ):
         super().__init__()
         clip_t_text("a {}", "x", clip_t_mode)  # validate the mode before loading anything
@@ -67,6 +78,11 @@ class ConceptMetrics(nn.Module):
             self.metrics["clip_t"] = CLIPTextSimilarity(clip_backbone, **kw)
         if dino_backbone is not None:
             self.metrics["dino"] = DINOSimilarity(dino_backbone, **kw)
+        if judge is not None or judge_model is not None:
+            from miniworld.metrics import load_judge_metrics  # MiniWorld only; imported when asked for
+
+            for name, metric in load_judge_metrics(judge_model if judge_model is not None else str(judge), **kw).items():
+                self.metrics[name] = metric
         if not self.metrics:
             raise ValueError("ConceptMetrics needs a CLIP or a DINO backbone: both clip and dino are None.")
         self.superclass: str | None = None
@@ -75,12 +91,27 @@ class ConceptMetrics(nn.Module):
     def names(self) -> list[str]:
         return list(self.metrics.keys())
 
-    def set_concept(self, real_images, superclass: str) -> None:
+    def set_concept(self, real_images, superclass: str, truth=None) -> None:
         """Real images (a folder, a (M, 3, H, W) batch or a list of (3, H, W) in [0, 1]) and
-        the superclass word of the concept. Resets the running values."""
+        the superclass word of the concept. Resets the running values.
+
+        ``truth``: the concept's ground-truth ``miniworld.ObjectSpec`` for ``identity``; by
+        default read from ``concept.json`` in the ``real_images`` folder."""
         for name in ("clip_i", "dino"):
             if name in self.metrics:
                 self.metrics[name].set_reference(embeddings=self.cache.get(self.metrics[name].backbone, real_images))
+        if "identity" in self.metrics:
+            if truth is None and isinstance(real_images, (str, os.PathLike)):
+                from miniworld.concepts import read_concept_truth
+
+                truth = read_concept_truth(real_images)
+            if truth is None:
+                raise ValueError(
+                    "The judge's identity accuracy needs a MiniWorld concept: no concept.json with the object's ground "
+                    f"truth in {real_images if isinstance(real_images, (str, os.PathLike)) else 'the concept images'}. "
+                    "Write the concept with `python -m miniworld write-concept NAME FOLDER`, or leave judge unset."
+                )
+            self.metrics["identity"].set_truth(truth)
         self.superclass = superclass
         self.reset()
 
@@ -98,9 +129,16 @@ class ConceptMetrics(nn.Module):
             self.metrics["clip_t"].update(texts=texts, embeddings=clip_emb)
         if "dino" in self.metrics:
             self.metrics["dino"].update(images)
+        if "identity" in self.metrics:
+            from miniworld.metrics import judge_predictions
+
+            pred = judge_predictions(self.metrics["identity"].judge, images)  # shared by identity and prompt
+            for name in JUDGE_METRIC_NAMES:
+                self.metrics[name].update(templates=list(templates), predictions=pred)
 
     def compute(self) -> dict[str, float]:
-        """Mean of each metric over all images seen (on all ranks, when distributed)."""
+        """Mean of each metric over all images seen (on all ranks, when distributed); the
+        judge's accuracies are shares in [0, 1]."""
         return {name: float(m.compute()) for name, m in self.metrics.items()}
 
     def reset(self) -> None:

@@ -1,7 +1,8 @@
 """Command line of MiniWorld: ``python -m miniworld <command> ...``.
 
 Commands:
-  write-concept NAME FOLDER   write a concept folder (NAME "all": one subfolder per concept)
+  write-concept NAME FOLDER   write a concept folder (NAME "all": one subfolder per concept);
+                              --context scene (one shared scene, default) | prop | varied
   preview OUT.png             a contact sheet: one row per scene, then the concepts
   train-vae --out DIR         stage 1 of the text-to-image model
   train-judge --out DIR       the attribute classifier used by the quality script
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--placeholder", default="sks")
+    p.add_argument("--context", default="scene", choices=["scene", "prop", "varied"],
+                   help="views in the concept's one scene, + a shared prop, or each in another scene")
 
     p = sub.add_parser("preview", help="contact sheet of the world")
     p.add_argument("out")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         names = sorted(CONCEPTS) if args.name == "all" else [args.name]
         for name in names:
             folder = f"{args.folder}/{name}" if args.name == "all" else args.folder
-            write_concept(name, folder, args.num_images, args.size, args.seed, args.placeholder)
+            write_concept(name, folder, args.num_images, args.size, args.seed, args.placeholder, args.context)
             print(f"wrote {folder}")
     elif args.command == "preview":
         from miniworld.world import World

@@ -3,14 +3,23 @@
     python -m miniworld.study --config configs/miniworld/study.yaml
 
 1. writes the chosen MiniWorld concepts as a DreamBooth-layout root (one folder per
-   concept + ``prompts_and_classes.txt``);
+   concept + ``prompts_and_classes.txt``), photographed as ``concept_context`` says
+   (default: all views in one shared scene, so context overfitting can happen);
 2. fine-tunes every method on every concept from the MiniWorld base model and saves its
    artifact (``artifacts/<method>/<concept>``);
 3. evaluates every artifact with every sampler over its sweep grid (CLIP-I, CLIP-T and
-   DINO with the world's own encoders) through :func:`evaluation.run.run_evaluation`;
+   DINO with the world's own encoders, and the judge's ground-truth identity and prompt
+   accuracy) through :func:`evaluation.run.run_evaluation`;
 4. merges the tables into ``results.csv`` (one row per method × concept × sampler
-   setting) and ``summary.csv`` (mean over concepts and methods), draws the Pareto
-   plot, and checks the study's qualitative findings (``findings.md``).
+   setting), ``summary.csv`` (mean over concepts and methods), ``summary_by_method.csv``,
+   ``methods.csv`` (per method, concept sampling: DINO, CLIP-I, CLIP-T, identity, prompt)
+   and ``correlations.csv`` (Spearman rank correlation of CLIP-I / DINO with identity
+   accuracy and of CLIP-T with prompt accuracy across all cells), draws the Pareto plots
+   (``pareto.png``: CLIP-T vs CLIP-I; ``pareto_judge.png``: prompt vs identity accuracy)
+   and checks the paper's claims against the numbers (``findings.md``).
+
+``workers: N`` (or ``--workers N``) trains and evaluates N methods at a time in separate
+processes (one torch thread each).
 
 Every stage is resumable: an artifact that exists is not retrained and a finished
 evaluation cell is not recomputed, so an interrupted study continues where it stopped.
@@ -45,15 +54,22 @@ def load_config(path: str | Path, **overrides) -> dict:
     return cfg
 
 
-def write_concepts(root: Path, names: list[str], placeholder: str = "sks") -> Path:
+def write_concepts(root: Path, names: list[str], placeholder: str = "sks", context: str = "scene",
+                   views: int = 5) -> Path:
     """The concepts as a DreamBooth-layout root the evaluation reads."""
     from miniworld import CONCEPTS, write_concept
 
     root.mkdir(parents=True, exist_ok=True)
     lines = ["subject_name,class"]
     for name in names:
-        if not (root / name / "concept.json").exists():
-            write_concept(name, root / name, placeholder=placeholder)
+        meta = root / name / "concept.json"
+        if meta.exists():
+            old = json.loads(meta.read_text())
+            if old.get("context", "varied") != context or len(old.get("scenes", [])) != views:
+                raise ValueError(f"{root / name} holds views of another setting (context {old.get('context', 'varied')}, "
+                                 f"{len(old.get('scenes', []))} views): choose another --out, or delete it to start again.")
+        else:
+            write_concept(name, root / name, num_images=views, placeholder=placeholder, context=context)
         lines.append(f"{name},{CONCEPTS[name].superclass}")
     (root / "prompts_and_classes.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -110,78 +126,213 @@ def front_height(points: list[tuple[float, float]], x: float) -> float:
     return max(ys) if ys else -math.inf
 
 
-def findings(summary: list[dict]) -> list[dict]:
-    """The study's three qualitative findings, checked on the summary (mean over
-    concepts and methods): each a dict with the claim, the figures and whether it holds."""
-    by = {}
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman rank correlation of the pairs where both values are numbers (NaN if < 3)."""
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys) if not (math.isnan(float(x)) or math.isnan(float(y)))]
+    if len(pairs) < 3:
+        return math.nan
+    rx, ry = _ranks([p[0] for p in pairs]), _ranks([p[1] for p in pairs])
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else math.nan
+
+
+#: (estimate, ground truth) pairs whose rank correlation the study reports
+CORRELATION_PAIRS = (("clip_i", "identity"), ("dino", "identity"), ("clip_t", "prompt"), ("clip_i", "prompt"),
+                     ("clip_t", "identity"))
+
+
+def correlations(rows: list[dict], summary: list[dict]) -> list[dict]:
+    """Spearman ρ of each pair over all cells (method × concept × setting) and over the
+    settings' means (the points of the Pareto plots)."""
+    out = []
+    for x, y in CORRELATION_PAIRS:
+        out.append({"estimate": x, "truth": y, "rho_cells": spearman([r[x] for r in rows], [r[y] for r in rows]),
+                    "cells": sum(1 for r in rows if not (math.isnan(float(r[x])) or math.isnan(float(r[y])))),
+                    "rho_settings": spearman([r[x] for r in summary], [r[y] for r in summary]), "settings": len(summary)})
+    return out
+
+
+def _num(r: dict, key: str) -> float:
+    v = r.get(key, math.nan)
+    return math.nan if v in ("", None) else float(v)
+
+
+def method_table(rows: list[dict], methods: list[str]) -> list[dict]:
+    """Per method, concept sampling (the ω = 7 setting, else the first concept setting),
+    mean over concepts: DINO, CLIP-I, CLIP-T, identity, prompt (HiFi Tuner's Tables 1-2)."""
+    out = []
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method and r["sampler"] == "concept"]
+        if not mine:
+            continue
+        settings = [r["settings"] for r in mine]
+        pick = next((st for st in settings if json.loads(st).get("guidance", 7.0) == 7.0), settings[0])
+        cells = [r for r in mine if r["settings"] == pick]
+        row = {"method": method, "setting": cells[0]["setting"], "concepts": len(cells)}
+        for k in ("dino", "clip_i", "clip_t", "identity", "prompt"):
+            vals = [_num(r, k) for r in cells if not math.isnan(_num(r, k))]
+            row[k] = sum(vals) / len(vals) if vals else math.nan
+        out.append(row)
+    return out
+
+
+def _verdict(holds: bool | None) -> str:
+    return "not measured" if holds is None else ("holds" if holds else "does not hold")
+
+
+def _f(r: dict, k: str) -> str:
+    v = _num(r, k)
+    return "n/a" if math.isnan(v) else (f"{100 * v:.1f}%" if k in ("identity", "prompt") else f"{v:.3f}")
+
+
+def findings(summary: list[dict], table: list[dict] | None = None, hifi_ablation: list[str] | None = None) -> list[dict]:
+    """The paper's claims checked on the summary (mean over concepts and methods) and the
+    per-method table: each a dict with the claim, the figures, ``holds`` (True, False,
+    or None when the run lacks what the claim needs) and ``verdict`` in words."""
+    by: dict[str, list[dict]] = {}
     for r in summary:
         by.setdefault(r["sampler"], []).append(r)
+    judged = any(not math.isnan(_num(r, "identity")) for r in summary)
     out = []
+
+    def add(claim, figures, holds):
+        out.append({"claim": claim, "figures": figures, "holds": holds, "verdict": _verdict(holds)})
+
     if "concept" in by and "superclass" in by:
         c, s = by["concept"][0], by["superclass"][0]
-        out.append({
-            "claim": "concept sampling has higher CLIP-I and lower CLIP-T than superclass sampling",
-            "figures": f"concept CLIP-I {c['clip_i']:.3f} / CLIP-T {c['clip_t']:.3f}; "
-                       f"superclass CLIP-I {s['clip_i']:.3f} / CLIP-T {s['clip_t']:.3f}",
-            "holds": c["clip_i"] > s["clip_i"] and c["clip_t"] < s["clip_t"],
-        })
+        add("concept sampling has higher CLIP-I and lower CLIP-T than superclass sampling",
+            f"concept CLIP-I {c['clip_i']:.3f} / CLIP-T {c['clip_t']:.3f}; "
+            f"superclass CLIP-I {s['clip_i']:.3f} / CLIP-T {s['clip_t']:.3f}",
+            c["clip_i"] > s["clip_i"] and c["clip_t"] < s["clip_t"])
+        if judged:
+            add("concept sampling overfits the training context: it shows the concept more often but follows the prompt "
+                "less often than superclass sampling (judge)",
+                f"concept identity {_f(c, 'identity')} / prompt {_f(c, 'prompt')}; superclass identity "
+                f"{_f(s, 'identity')} / prompt {_f(s, 'prompt')}",
+                _num(c, "identity") > _num(s, "identity") and _num(c, "prompt") < _num(s, "prompt"))
     if "mixed" in by and "switching" in by:
-        mixed = [(r["clip_t"], r["clip_i"]) for r in by["mixed"]]
-        sw = [(r["clip_t"], r["clip_i"]) for r in by["switching"]]
-        below = [front_height(mixed, x) >= y for x, y in sw]
-        out.append({
-            "claim": "the mixed front lies above switching's",
-            "figures": f"{sum(below)}/{len(sw)} switching points lie on or below the mixed front "
-                       "(a mixed setting with at least their CLIP-T and at least their CLIP-I)",
-            "holds": sum(below) >= 0.5 * len(sw),
-        })
+        for x, y, name in (("clip_t", "clip_i", "CLIP"), ("prompt", "identity", "judge")):
+            if name == "judge" and not judged:
+                continue
+            mixed = [(_num(r, x), _num(r, y)) for r in by["mixed"]]
+            sw = [(_num(r, x), _num(r, y)) for r in by["switching"]]
+            below = [front_height(mixed, px) >= py for px, py in sw]
+            add(f"the mixed front lies above switching's ({name} axes)" if name == "judge" else
+                "the mixed front lies above switching's",
+                f"{sum(below)}/{len(sw)} switching points lie on or below the mixed front "
+                "(a mixed setting with at least their prompt fidelity and at least their concept fidelity)",
+                sum(below) >= 0.5 * len(sw))
+    masked = sorted(by.get("masked", []), key=lambda r: json.loads(r["settings"]).get("q", 0))
+    qs = sorted({json.loads(r["settings"]).get("q") for r in masked} - {None})
+    if len(qs) >= 3:
+        def turns(vals):  # direction changes of a sequence
+            d = [b - a for a, b in zip(vals, vals[1:]) if b != a]
+            return sum(1 for a, b in zip(d, d[1:]) if (a > 0) != (b > 0))
+
+        keys = ("clip_i", "clip_t", "identity", "prompt") if judged else ("clip_i", "clip_t")
+        series = {k: [_num(r, k) for r in masked] for k in keys}
+        text = "; ".join(f"{k} over q={qs}: " + ", ".join(_f({k: v}, k) for v in vals) for k, vals in series.items())
+        add("masked sampling is unstable across q (its metrics do not move monotonically with the mask quantile)",
+            text, any(turns(v) > 0 for v in series.values()))
     if "profusion" in by and "mixed" in by:
         pf = max(by["profusion"], key=lambda r: r["clip_i"])
         mx = min(by["mixed"], key=lambda r: abs(json.loads(r["settings"]).get("guidance_superclass", 0) - 3.5))
         cost = pf["unet_evals_per_image"] / mx["unet_evals_per_image"]
-        out.append({
-            "claim": "ProFusion raises CLIP-I at about twice the cost",
-            "figures": f"ProFusion ({pf['setting']}) CLIP-I {pf['clip_i']:.3f} vs mixed ({mx['setting']}) "
-                       f"{mx['clip_i']:.3f}; cost {pf['unet_evals_per_image']:.0f} vs {mx['unet_evals_per_image']:.0f} "
-                       f"UNet evaluations per image ({cost:.2f}x)",
-            "holds": pf["clip_i"] > mx["clip_i"] and 1.4 <= cost <= 3.0,
-        })
+        add("ProFusion raises CLIP-I at about twice the cost",
+            f"ProFusion ({pf['setting']}) CLIP-I {pf['clip_i']:.3f} vs mixed ({mx['setting']}) "
+            f"{mx['clip_i']:.3f}; cost {pf['unet_evals_per_image']:.0f} vs {mx['unet_evals_per_image']:.0f} "
+            f"UNet evaluations per image ({cost:.2f}x)",
+            pf["clip_i"] > mx["clip_i"] and 1.4 <= cost <= 3.0)
+    rows = {r["method"]: r for r in table or []}
+    steps = [m for m in (hifi_ablation or []) if m in rows]
+    if len(steps) >= 2:
+        chain = [rows[m] for m in steps]
+        more_dino = [b["dino"] > a["dino"] for a, b in zip(chain, chain[1:])]
+        kept = [abs(r["clip_t"] - chain[0]["clip_t"]) <= 0.01 for r in chain[1:]]
+        add("HiFi Tuner's techniques each add DINO while keeping CLIP-T (concept sampling; within 0.01)",
+            " → ".join(f"{m} DINO {rows[m]['dino']:.3f} CLIP-T {rows[m]['clip_t']:.3f}" for m in steps),
+            all(more_dino) and all(kept))
     return out
 
 
-def run_study(cfg: dict, out: Path, log=print) -> dict:
+def run_method(cfg: dict, out: Path, method: str, log=print) -> list[dict]:
+    """Train ``method`` on every concept (skipping finished artifacts) and evaluate it
+    over the sweep (skipping finished cells); its rows, each with ``method``."""
+    spec, root = cfg["methods"][method], out / "concepts"
+    base, seed, ev = cfg["base"], cfg.get("seed", 0), cfg["evaluation"]
+    for concept in cfg["concepts"]:
+        t0 = time.time()
+        train_one(spec, base, root / concept, out / "artifacts" / method / concept, cfg.get("concept_data", {}), seed)
+        log(f"[study] trained {method} on {concept} ({time.time() - t0:.0f} s)")
+    ecfg = EvalConfig(
+        model=base, artifact=str(out / "artifacts" / method / "{subject}"), dreambooth_root=str(root),
+        subjects=cfg["concepts"], prompts=str(root / cfg["concepts"][0] / "prompts.txt"),
+        num_prompts=ev.get("num_prompts", 0), num_images=ev.get("num_images", 2), seed=seed,
+        batch_size=ev.get("batch_size", 25), sweep=spec.get("sweep", cfg["sweep"]), defaults=ev.get("defaults", {}),
+        clip=cfg["clip"], dino=cfg["dino"], judge=cfg.get("judge"), output=str(out / "eval" / method),
+        device=ev.get("device", "auto"), save_grids=ev.get("save_grids", True),
+    )
+    rows = run_evaluation(ecfg, log=lambda m: log(f"[study:{method}] {m}"))
+    return [{"method": method, **r} for r in rows]
+
+
+def _worker(args) -> list[dict]:
+    cfg, out, method = args
+    import torch
+
+    torch.set_num_threads(1)
+    return run_method(cfg, Path(out), method, log=lambda m: print(m, flush=True))
+
+
+def run_study(cfg: dict, out: Path, log=print, workers: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    root = write_concepts(out / "concepts", cfg["concepts"])
-    base, seed = cfg["base"], cfg.get("seed", 0)
-    ev = cfg["evaluation"]
-    all_rows: list[dict] = []
+    write_concepts(out / "concepts", cfg["concepts"], context=cfg.get("concept_context", "scene"),
+                   views=cfg.get("concept_views", 5))
+    methods = list(cfg["methods"])
+    workers = max(1, min(workers or cfg.get("workers", 1), len(methods)))
+    by_method: dict[str, list[dict]] = {}
     result: dict = {"findings": [], "rows": 0}
-    for method, spec in cfg["methods"].items():
-        for concept in cfg["concepts"]:
-            t0 = time.time()
-            train_one(spec, base, root / concept, out / "artifacts" / method / concept, cfg.get("concept_data", {}), seed)
-            log(f"[study] trained {method} on {concept} ({time.time() - t0:.0f} s)")
-        ecfg = EvalConfig(
-            model=base, artifact=str(out / "artifacts" / method / "{subject}"), dreambooth_root=str(root),
-            subjects=cfg["concepts"], prompts=str(root / cfg["concepts"][0] / "prompts.txt"),
-            num_prompts=ev.get("num_prompts", 0), num_images=ev.get("num_images", 2), seed=seed,
-            batch_size=ev.get("batch_size", 25), sweep=cfg["sweep"], defaults=ev.get("defaults", {}),
-            clip=cfg["clip"], dino=cfg["dino"], output=str(out / "eval" / method), device=ev.get("device", "auto"),
-            save_grids=ev.get("save_grids", True),
-        )
-        rows = run_evaluation(ecfg, log=lambda m: log(f"[study:{method}] {m}"))
-        all_rows += [{"method": method, **r} for r in rows]
-        # merged after every method, so an interrupted study still leaves its tables
-        result = write_outputs(out, all_rows, list(cfg["methods"]))
+    t0 = time.time()
+    if workers == 1:
+        for method in methods:
+            by_method[method] = run_method(cfg, out, method, log)
+            # merged after every method, so an interrupted study still leaves its tables
+            result = write_outputs(out, [r for m in methods if m in by_method for r in by_method[m]], methods, cfg)
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+            jobs = {m: pool.apply_async(_worker, ((cfg, str(out), m),)) for m in methods}
+            for method in methods:  # merged as methods finish, in config order
+                by_method[method] = jobs[method].get()
+                result = write_outputs(out, [r for m in methods if m in by_method for r in by_method[m]], methods, cfg)
+    log(f"[study] {result['rows']} rows, {len(methods)} method(s) on {workers} worker(s) in {time.time() - t0:.0f} s")
     for f in result["findings"]:
-        log(f"[study] {'HOLDS' if f['holds'] else 'DOES NOT HOLD'}: {f['claim']} — {f['figures']}")
+        log(f"[study] {f['verdict'].upper()}: {f['claim']} — {f['figures']}")
     return result
 
 
-def write_outputs(out: Path, all_rows: list[dict], methods: list[str]) -> dict:
+def write_outputs(out: Path, all_rows: list[dict], methods: list[str], cfg: dict | None = None) -> dict:
     """results.csv, summary.csv (mean over concepts and methods), summary_by_method.csv,
-    the Pareto plots and findings.md, from the rows so far."""
+    methods.csv, correlations.csv, the Pareto plots and findings.md, from the rows so far."""
     write_rows(out / "results.csv", all_rows)
     summary = summarize(all_rows)
     write_rows(out / "summary.csv", summary)
@@ -190,23 +341,55 @@ def write_outputs(out: Path, all_rows: list[dict], methods: list[str]) -> dict:
         mine = [r for r in all_rows if r["method"] == method]
         per_method += [{"method": method, **r} for r in summarize(mine)] if mine else []
     write_rows(out / "summary_by_method.csv", per_method)
-    done = sorted({r["method"] for r in all_rows})
-    plot_pareto(summary, out / "pareto.png", title=f"MiniWorld: mean over {len(done)} methods and their concepts")
+    table = method_table(all_rows, methods)
+    if table:
+        write_rows(out / "methods.csv", table)
+    corr = correlations(all_rows, summary)
+    write_rows(out / "correlations.csv", corr)
+    done = [m for m in methods if any(r["method"] == m for r in all_rows)]
+    title = f"MiniWorld: mean over {len(done)} methods and their concepts"
+    plot_pareto(summary, out / "pareto.png", title=title)
     plot_pareto(summary, out / "pareto_dino.png", y="dino", title="MiniWorld: DINO vs CLIP-T")
-    found = findings(summary)
-    write_findings(out / "findings.md", summary, found, done)
-    return {"findings": found, "rows": len(all_rows)}
+    judged = any(not math.isnan(_num(r, "identity")) for r in summary)
+    if judged:
+        plot_pareto(summary, out / "pareto_judge.png", x="prompt", y="identity",
+                    title=f"MiniWorld, the judge's ground truth: {title[11:]}")
+    found = findings(summary, table, (cfg or {}).get("hifi_ablation"))
+    write_findings(out / "findings.md", summary, found, done, table, corr if judged else [], cfg)
+    return {"findings": found, "rows": len(all_rows), "table": table, "correlations": corr}
 
 
-def write_findings(path: Path, summary: list[dict], found: list[dict], methods: list[str]) -> None:
-    lines = ["# MiniWorld sampling study", "", f"Methods: {', '.join(methods)}. Mean over methods and concepts.", "", "| sampler | setting | CLIP-I | CLIP-T | DINO | UNet evals/image | Pareto |",
-             "|---|---|---:|---:|---:|---:|---|"]
+def write_findings(path: Path, summary: list[dict], found: list[dict], methods: list[str], table: list[dict] = (),
+                   corr: list[dict] = (), cfg: dict | None = None) -> None:
+    cfg = cfg or {}
+    ev = cfg.get("evaluation", {})
+    lines = ["# MiniWorld sampling study", "",
+             f"Methods: {', '.join(methods)}. Concepts: {', '.join(cfg.get('concepts', []))} "
+             f"(views: {cfg.get('concept_views', 5)}, context: {cfg.get('concept_context', 'scene')}). "
+             f"{ev.get('num_images', '?')} image(s) per prompt, {ev.get('defaults', {}).get('num_steps', 50)} DDIM steps. "
+             "Identity / prompt: the world's judge (shares of images showing the concept / what the prompt asks).", "",
+             "## Per sampler setting (mean over methods and concepts)", "",
+             "| sampler | setting | CLIP-I | CLIP-T | DINO | identity | prompt | UNet evals/image | Pareto (CLIP) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in summary:
         lines.append(f"| {r['sampler']} | {r['setting']} | {r['clip_i']:.3f} | {r['clip_t']:.3f} | {r['dino']:.3f} | "
-                     f"{r['unet_evals_per_image']:.0f} | {'yes' if r['pareto'] else ''} |")
+                     f"{_f(r, 'identity')} | {_f(r, 'prompt')} | {r['unet_evals_per_image']:.0f} | "
+                     f"{'yes' if r['pareto'] else ''} |")
+    if table:
+        lines += ["", "## Per method (concept sampling, mean over concepts)", "",
+                  "| method | DINO | CLIP-I | CLIP-T | identity | prompt |", "|---|---:|---:|---:|---:|---:|"]
+        for r in table:
+            lines.append(f"| {r['method']} | {_f(r, 'dino')} | {_f(r, 'clip_i')} | {_f(r, 'clip_t')} | "
+                         f"{_f(r, 'identity')} | {_f(r, 'prompt')} |")
+    if corr:
+        lines += ["", "## Do the estimates track the ground truth? (Spearman ρ)", "",
+                  "| estimate | ground truth | ρ over cells | cells | ρ over settings | settings |", "|---|---|---:|---:|---:|---:|"]
+        for c in corr:
+            lines.append(f"| {c['estimate']} | {c['truth']} | {c['rho_cells']:.2f} | {c['cells']} | "
+                         f"{c['rho_settings']:.2f} | {c['settings']} |")
     lines += ["", "## Findings of the paper, checked here", ""]
     for f in found:
-        lines.append(f"- **{'holds' if f['holds'] else 'does not hold'}**: {f['claim']}. {f['figures']}.")
+        lines.append(f"- **{f['verdict']}**: {f['claim']}. {f['figures']}.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -216,9 +399,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="outputs/miniworld_study", help="output folder (reruns resume here)")
     p.add_argument("--methods", nargs="+", dest="run_methods", help="run only these methods of the config")
     p.add_argument("--concepts", nargs="+", help="MiniWorld concept names (overrides the config)")
+    p.add_argument("--workers", type=int, help="methods trained and evaluated at a time, in separate processes "
+                                               "(overrides the config's workers; 1 on a single core)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, run_methods=args.run_methods, concepts=args.concepts)
-    return run_study(cfg, Path(args.out))
+    return run_study(cfg, Path(args.out), workers=args.workers)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,7 @@ def test_miniworld_concept_source_and_folder_prompts(monkeypatch, tmp_path):
     assert dm.validation_templates == list(PROMPTS)  # the folder's own prompts.txt
     with pytest.raises(ConceptDataError, match="Unknown MiniWorld concept 'nope'"):
         ConceptDataModule(concept_dir="miniworld:nope", resolution=32)
+    dm = ConceptDataModule(concept_dir="miniworld:green_dotted_cube:varied:6", resolution=32)
+    assert len(dm.concept_images) == 6 and '"context": "varied"' in (Path(dm.concept_dir) / "concept.json").read_text()
+    with pytest.raises(ConceptDataError, match="neither a context"):
+        ConceptDataModule(concept_dir="miniworld:green_dotted_cube:kitchen", resolution=32)

@@ -97,7 +97,9 @@ def test_write_concept_folder_reads_as_a_concept(tmp_path):
         mask = Image.open(p.with_name(p.stem + "_mask.png"))
         assert mask.mode == "L" and mask.size == Image.open(p).size
     meta = json.loads((folder / "concept.json").read_text())
-    assert meta["superclass"] == "star" and len(set(meta["scenes"])) == 5
+    assert meta["superclass"] == "star" and meta["context"] == "scene" and set(meta["scenes"]) == {"pink_fabric"}
+    varied = json.loads((write_concept("blue_striped_star", tmp_path / "v", 5, context="varied") / "concept.json").read_text())
+    assert len(set(varied["scenes"])) == 5
 
     from datamodules.concept import ConceptDataModule
 

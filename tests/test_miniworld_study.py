@@ -4,13 +4,14 @@ per method × concept × sampler setting, Pareto plot, findings, and resume."""
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 
-from miniworld.study import findings, front_height, load_config, run_study
+from miniworld.study import findings, front_height, load_config, method_table, run_study, spearman
 
 TINY = {
-    "base": "tiny", "clip": "tiny", "dino": "tiny", "seed": 0,
+    "base": "tiny", "clip": "tiny", "dino": "tiny", "judge": "miniworld/pretrained/judge", "seed": 0,
     "concepts": ["orange_checkered_ball", "green_dotted_cube"],
     "concept_data": {"resolution": 32, "batch_size": 2},
     "methods": {
@@ -36,8 +37,15 @@ def test_study_runs_and_resumes(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 6  # methods × concepts × sweep points
     assert {r["method"] for r in rows} == {"dreambooth_qkv", "textual_inversion"}
-    assert (out / "pareto.png").stat().st_size > 1000 and (out / "findings.md").exists()
-    assert [f["claim"].split()[0] for f in result["findings"]] == ["concept", "the", "ProFusion"]
+    assert all(0 <= float(r["identity"]) <= 1 and 0 <= float(r["prompt"]) <= 1 for r in rows)  # the judge's
+    assert (out / "pareto.png").stat().st_size > 1000 and (out / "pareto_judge.png").stat().st_size > 1000
+    text = (out / "findings.md").read_text()
+    assert "## Per method" in text and "Spearman" in text and (out / "correlations.csv").exists()
+    assert [r["method"] for r in result["table"]] == ["dreambooth_qkv", "textual_inversion"]
+    assert [f["claim"].split()[:2] for f in result["findings"]] == [
+        ["concept", "sampling"], ["concept", "sampling"], ["the", "mixed"], ["the", "mixed"], ["ProFusion", "raises"]]
+    assert "context: scene" in text  # the default concepts share one scene
+    assert '"context": "scene"' in (out / "concepts" / "green_dotted_cube" / "concept.json").read_text()
     for m in ("dreambooth_qkv", "textual_inversion"):
         for c in TINY["concepts"]:
             assert (out / "artifacts" / m / c / "personalize.json").exists()
@@ -58,10 +66,39 @@ def test_findings_logic():
         {"sampler": "switching", "setting": "b", "settings": "{}", "clip_i": 0.7, "clip_t": 0.25, "unet_evals_per_image": 50},
         {"sampler": "profusion", "setting": "c", "settings": "{}", "clip_i": 0.85, "clip_t": 0.26, "unet_evals_per_image": 125},
     ]
-    assert [f["holds"] for f in findings(summary)] == [True, True, True]
+    assert [f["holds"] for f in findings(summary)] == [True, True, True]  # no judge figures: those claims skipped
     summary[3]["clip_i"] = 0.95  # switching above every mixed point at its CLIP-T
     assert findings(summary)[1]["holds"] is False
     assert front_height([(0.1, 0.5), (0.3, 0.7)], 0.2) == 0.7 and front_height([(0.1, 0.5)], 0.2) == float("-inf")
+    # judge figures: concept sampling shows the concept more often, follows the prompt less often
+    for r, ident, prompt in zip(summary, (0.9, 0.1, 0.7, 0.5, 0.8), (0.4, 0.9, 0.6, 0.5, 0.5)):
+        r["identity"], r["prompt"] = ident, prompt
+    assert [f["holds"] for f in findings(summary) if f["claim"].startswith("concept sampling overfits")] == [True]
+    # masked over q: monotonic -> stable (does not hold), a turn -> unstable (holds)
+    masked = [{"sampler": "masked", "setting": f"q={q}", "settings": f'{{"q": {q}}}', "clip_i": ci, "clip_t": 0.3,
+               "identity": 0.5, "prompt": 0.5} for q, ci in ((0.3, 0.5), (0.5, 0.6), (0.7, 0.7))]
+    claim = "masked sampling is unstable across q"
+    assert [f["holds"] for f in findings(summary + masked) if f["claim"].startswith(claim)] == [False]
+    masked[1]["clip_i"] = 0.8
+    assert [f["holds"] for f in findings(summary + masked) if f["claim"].startswith(claim)] == [True]
+    # HiFi's ablation: DINO up at every technique, CLIP-T kept
+    rows = [{"method": m, "sampler": "concept", "setting": "", "settings": "{}", "dino": d, "clip_i": 0.5, "clip_t": t,
+             "identity": 0.5, "prompt": 0.5} for m, d, t in (("base", 0.3, 0.25), ("mask", 0.35, 0.255), ("full", 0.4, 0.245))]
+    table = method_table(rows, ["base", "mask", "full"])
+    hifi = [f for f in findings(summary, table, ["base", "mask", "full"]) if f["claim"].startswith("HiFi")]
+    assert [f["holds"] for f in hifi] == [True]
+    table[2]["dino"] = 0.33
+    assert [f["holds"] for f in findings(summary, table, ["base", "mask", "full"]) if f["claim"].startswith("HiFi")] == [False]
+
+
+def test_spearman_matches_hand_computed_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x 1,2,3,4 and y 1,3,2,4: rho = 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8
+    assert spearman([0.1, 0.2, 0.3, 0.4], [5, 7, 6, 9]) == pytest.approx(0.8)
+    # ties share their mean rank: y ranks 1.5, 1.5, 3 -> Pearson of (1,2,3) and (1.5,1.5,3) = 0.866
+    assert spearman([1, 2, 3], [2, 2, 5]) == pytest.approx(0.8660254)
+    assert math.isnan(spearman([1, 2], [1, 2])) and math.isnan(spearman([1, 2, float("nan")], [1, 2, 3]))
 
 
 def test_unknown_method_is_a_clear_error(tmp_path):
