@@ -80,8 +80,10 @@ def build(method: str, model: str, cache: bool):
     import lightning_modules
 
     cls_name, kwargs = METHODS[method]
-    return getattr(lightning_modules, cls_name)(
+    module = getattr(lightning_modules, cls_name)(
         pretrained_model=model, superclass="ball", cache_latents=cache, cache_text=cache, **kwargs)
+    module.configure_model()  # what the Trainer does at fit; the hand-written loop needs it before
+    return module
 
 
 def data(resolution: int, batch_size: int):

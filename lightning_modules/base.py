@@ -12,12 +12,21 @@ LR scheduler, and the artifact protocol. A method overrides three things:
 
 Every method is also a :class:`components.personalized.PersonalizedModel`, so samplers,
 callbacks and evaluation take the module itself.
+
+How a method is built: its constructor only records its arguments (``self.hparams``;
+a method writes each argument once, in its signature) and checks them; Lightning's
+:meth:`configure_model` hook loads the components and calls :meth:`configure_trainable`.
+The Trainer calls it at ``fit``/``validate``/``test``/``predict``; outside a Trainer,
+call ``module.configure_model()`` (:func:`load_personalized` does). The artifact records
+the method's own arguments (those beyond the base's), read back from ``self.hparams``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -33,6 +42,16 @@ from components.personalized import encode_text, fill, tokenize
 
 ARTIFACT_MANIFEST = "personalize.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _seed_of(*parts: Any) -> int:
@@ -87,28 +106,54 @@ class PersonalizationModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        # records this method's arguments too (Lightning collects every __init__ of the chain)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if frozen_dtype not in _DTYPES:
             raise ValueError(f"frozen_dtype={frozen_dtype!r}: choose one of {sorted(_DTYPES)}.")
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.learning_rate = self.default_learning_rate if learning_rate is None else learning_rate
-        self.placeholder, self.superclass = placeholder, superclass
         self.strict_loading = False  # checkpoints hold only what trains (see on_save_checkpoint)
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
 
-        c = load_components(pretrained_model)
-        self.tokenizer, self.noise_scheduler = c.tokenizer, c.scheduler
-        self.text_encoder, self.unet, self.vae = c.text_encoder, c.unet, c.vae
-        for m in (self.text_encoder, self.unet, self.vae):
-            m.requires_grad_(False)
-            m.eval()
-        self.configure_trainable()
-        self._cast_frozen(_DTYPES[frozen_dtype])
-        if gradient_checkpointing:
+    def configure_model(self) -> None:
+        """Load the components and set up what trains (Lightning hook; idempotent, as
+        Lightning calls it at every fit/validate/test/predict)."""
+        if self.is_configured:
+            return
+        # Built as outside a Trainer (CPU, fp32): the Trainer's init context would put a
+        # random-weight preset on the accelerator's RNG and trainable parameters in the
+        # precision's dtype; the strategy moves the module afterwards, as before.
+        with torch.device("cpu"), _default_dtype(torch.float32):
+            c = load_components(self.hparams.pretrained_model)
+            self.tokenizer, self.noise_scheduler = c.tokenizer, c.scheduler
+            self.text_encoder, self.unet, self.vae = c.text_encoder, c.unet, c.vae
+            for m in (self.text_encoder, self.unet, self.vae):
+                m.requires_grad_(False)
+                m.eval()
+            self.configure_trainable()
+        self._cast_frozen(_DTYPES[self.hparams.frozen_dtype])
+        if self.hparams.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.text_trainable:
                 self.text_encoder.gradient_checkpointing_enable()
-        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def is_configured(self) -> bool:
+        """Whether :meth:`configure_model` has built the components."""
+        return "unet" in self._modules
+
+    @property
+    def learning_rate(self) -> float:
+        lr = self.hparams.learning_rate
+        return self.default_learning_rate if lr is None else lr
+
+    @property
+    def placeholder(self) -> str:
+        return self.hparams.placeholder
+
+    @property
+    def superclass(self) -> str:
+        return self.hparams.superclass
 
     # ------------------------------------------------------------------ method hooks
 
@@ -131,6 +176,11 @@ class PersonalizationModule(L.LightningModule):
         """Conditionings for a training batch; cached while the text side is frozen."""
         if self.timestep_dependent:
             return torch.cat([self.encode_prompts([p], int(t)) for p, t in zip(prompts, timesteps)])
+        return self.encode_prompts_cached(prompts)
+
+    def encode_prompts_cached(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``encode_prompts(prompts)`` (no timestep), each distinct prompt encoded once
+        while ``cache_text`` is on and nothing on the text side trains."""
         if not (self.hparams.cache_text and not self.text_trainable):
             return self.encode_prompts(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
@@ -234,7 +284,10 @@ class PersonalizationModule(L.LightningModule):
         if prior.any():
             out["loss_prior"] = err[prior].mean()
             loss = loss + self.hparams.prior_loss_weight * out["loss_prior"]
-        out["loss"] = loss + self.regularization_loss()
+        reg = self.regularization_loss()
+        if torch.is_tensor(reg):
+            out["loss_reg"] = reg  # logged with the other parts (train/loss_reg)
+        out["loss"] = loss + reg
         return out
 
     def sample_timesteps(self, bsz: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -315,9 +368,14 @@ class PersonalizationModule(L.LightningModule):
         (folder / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=2))
         return folder
 
+    #: method arguments about how to compute, not what the model is (left out of artifacts)
+    runtime_args: tuple[str, ...] = ()
+
     def artifact_init_args(self) -> dict:
-        """Constructor arguments needed to rebuild the module before loading its files."""
-        return {}
+        """Constructor arguments needed to rebuild the module before loading its files:
+        the method's own arguments (every one beyond the base's), from ``self.hparams``."""
+        base = set(inspect.signature(PersonalizationModule.__init__).parameters)
+        return {k: v for k, v in self.hparams.items() if k not in base and k not in self.runtime_args}
 
     def load_artifact(self, folder: str | os.PathLike) -> "PersonalizationModule":
         folder = Path(folder)
@@ -361,5 +419,6 @@ def load_personalized(base_source: str | None = None, artifact: str | os.PathLik
                   placeholder=manifest["placeholder"], superclass=manifest["superclass"])
     kwargs.update(overrides)
     model = cls(**kwargs)
+    model.configure_model()
     model.load_artifact(artifact)
     return model.eval()

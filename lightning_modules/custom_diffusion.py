@@ -66,10 +66,7 @@ class CustomDiffusion(PersonalizationModule):
 
     def __init__(self, *args, train_q_out: bool = False, modifier_token: bool = True,
                  initializer_token: str | None = "ktn", detach_start_token: bool = True, **kwargs):
-        self.train_q_out, self.modifier_token = train_q_out, modifier_token
-        self.initializer_token, self.detach_start_token = initializer_token, detach_start_token
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     def cross_attention_layers(self) -> dict[str, torch.nn.Module]:
         """``{name: Attention}`` of the UNet's cross-attention layers (``attn2``)."""
@@ -78,7 +75,7 @@ class CustomDiffusion(PersonalizationModule):
         return {n: m for n, m in layers.items() if m.is_cross_attention}
 
     def trained_projections(self) -> tuple[str, ...]:
-        return ("to_k", "to_v", "to_q", "to_out.0") if self.train_q_out else ("to_k", "to_v")
+        return ("to_k", "to_v", "to_q", "to_out.0") if self.hparams.train_q_out else ("to_k", "to_v")
 
     def configure_trainable(self) -> None:
         layers = self.cross_attention_layers()
@@ -87,14 +84,11 @@ class CustomDiffusion(PersonalizationModule):
         for attn in layers.values():
             for proj in self.trained_projections():
                 attn.get_submodule(proj).requires_grad_(True)
-            if self.detach_start_token:
+            if self.hparams.detach_start_token:
                 attn.to_k.register_forward_hook(_detach_start_token)
                 attn.to_v.register_forward_hook(_detach_start_token)
-        if self.modifier_token:
-            add_tokens(self.tokenizer, self.text_encoder, self.placeholder, 1, self.initializer_token)
-
-    def artifact_init_args(self) -> dict:
-        return {"train_q_out": self.train_q_out, "modifier_token": self.modifier_token}
+        if self.hparams.modifier_token:
+            add_tokens(self.tokenizer, self.text_encoder, self.placeholder, 1, self.hparams.initializer_token)
 
     # ------------------------------------------------------------------ artifact
 
@@ -116,7 +110,7 @@ class CustomDiffusion(PersonalizationModule):
 
     def save_artifact_files(self, folder: Path) -> None:
         save_file(self.processor_state_dict(), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-        if self.modifier_token:
+        if self.hparams.modifier_token:
             new = self.text_encoder.get_input_embeddings().new
             save_file({self.placeholder: new.detach().float().cpu().contiguous()}, str(folder / EMBEDS_FILE))
 
@@ -132,7 +126,7 @@ class CustomDiffusion(PersonalizationModule):
             param = cross[proc_name].get_parameter(to_ours[weight_name])
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
-        if self.modifier_token:
+        if self.hparams.modifier_token:
             state = load_file(str(folder / EMBEDS_FILE))
             if self.placeholder not in state:
                 raise KeyError(f"{folder / EMBEDS_FILE} holds {sorted(state)}, not the modifier token {self.placeholder!r}.")

@@ -30,21 +30,16 @@ class DreamBooth(PersonalizationModule):
     default_learning_rate = 5e-6  # DreamBooth, SD
 
     def __init__(self, *args, train_text_encoder: bool = False, **kwargs):
-        self.train_text_encoder = train_text_encoder
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     def configure_trainable(self) -> None:
         self.unet.requires_grad_(True)
-        if self.train_text_encoder:
+        if self.hparams.train_text_encoder:
             self.text_encoder.requires_grad_(True)
-
-    def artifact_init_args(self) -> dict:
-        return {"train_text_encoder": self.train_text_encoder}
 
     def save_artifact_files(self, folder: Path) -> None:
         self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        if self.train_text_encoder:
+        if self.hparams.train_text_encoder:
             self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
 
     def load_artifact_files(self, folder: Path) -> None:
@@ -78,20 +73,15 @@ class DreamBoothQKV(PersonalizationModule):
     default_learning_rate = 5e-6
 
     def __init__(self, *args, train_text_encoder: bool = True, **kwargs):
-        self.train_text_encoder = train_text_encoder
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     def configure_trainable(self) -> None:
         modules = {"unet": self.unet}
-        if self.train_text_encoder:
+        if self.hparams.train_text_encoder:
             modules["text_encoder"] = self.text_encoder
         for module in modules.values():
             for name, p in module.named_parameters():
                 p.requires_grad_(is_qkv(name))
-
-    def artifact_init_args(self) -> dict:
-        return {"train_text_encoder": self.train_text_encoder}
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -80,19 +80,17 @@ class HiFiTextualInversion(PersonalizationModule):
             raise ValueError(f"num_tokens={num_tokens}: HiFi Tuner learns at least one vector (paper: 5).")
         if stepwise and (num_ddim_steps < 1 or steps_per_timestep < 1):
             raise ValueError("stepwise embeddings need num_ddim_steps >= 1 and steps_per_timestep >= 1.")
-        self.num_tokens, self.reg_weight, self.stepwise = num_tokens, reg_weight, stepwise
-        self.global_steps, self.num_ddim_steps, self.steps_per_timestep = global_steps, num_ddim_steps, steps_per_timestep
         super().__init__(*args, masked_loss=masked_loss, weight_decay=weight_decay, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     # ------------------------------------------------------------------ parameters
 
     def configure_trainable(self) -> None:
-        if self.tokenizer.model_max_length < self.num_tokens + 2:
-            raise ValueError(f"num_tokens={self.num_tokens} does not fit in the {self.tokenizer.model_max_length}-token prompt.")
+        n = self.hparams.num_tokens
+        if self.tokenizer.model_max_length < n + 2:
+            raise ValueError(f"num_tokens={n} does not fit in the {self.tokenizer.model_max_length}-token prompt.")
         with torch.no_grad():
             null = encode_text(self.tokenizer, self.text_encoder, [""])[0].float()  # (L, D): ϕ
-        self.register_buffer("null_tail", null[-self.num_tokens:].clone(), persistent=False)  # (n, D): ϕ_s
+        self.register_buffer("null_tail", null[-n:].clone(), persistent=False)  # (n, D): ϕ_s
         self.global_embedding = nn.Parameter(self.null_tail.clone())  # (n, D): c_s, initialised to ϕ_s
         if self.stepwise:
             sched = self.components.ddim_scheduler()
@@ -103,6 +101,13 @@ class HiFiTextualInversion(PersonalizationModule):
                 [nn.Parameter(self.null_tail.clone()) for _ in range(self.num_ddim_steps)])
             # number of step-wise phases started (their embeddings initialised from the previous step)
             self.register_buffer("phases_started", torch.zeros((), dtype=torch.long))
+
+    # the paper's symbols, read from the hyperparameters
+    num_tokens = property(lambda self: self.hparams.num_tokens)
+    stepwise = property(lambda self: self.hparams.stepwise)
+    global_steps = property(lambda self: self.hparams.global_steps)
+    num_ddim_steps = property(lambda self: self.hparams.num_ddim_steps)
+    steps_per_timestep = property(lambda self: self.hparams.steps_per_timestep)
 
     def extra_state_keys(self) -> list[str]:
         return ["stepwise_timesteps", "phases_started"] if self.stepwise else []
@@ -170,15 +175,7 @@ class HiFiTextualInversion(PersonalizationModule):
         """Training: the embedding of the current phase; evaluation: that of each timestep.
         The frozen text encoder's outputs are cached; c_s is substituted after (with grad)."""
         texts, marked = self._split_marked(prompts)
-        if self.hparams.cache_text:
-            missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-            if missing:
-                with torch.no_grad():
-                    for t, e in zip(missing, encode_text(self.tokenizer, self.text_encoder, missing)):
-                        self._text_cache[t] = e
-            c = torch.stack([self._text_cache[t] for t in texts])  # (B, L, D)
-        else:
-            c = encode_text(self.tokenizer, self.text_encoder, texts)  # (B, L, D)
+        c = self.encode_prompts_cached(texts)  # (B, L, D): the texts hold no placeholder, so c is the text encoder's
         if self.training:
             return self.substitute(c, marked, self.training_embedding())
         return torch.cat([self.substitute(c[i:i + 1], marked[i:i + 1], self.embedding_at(int(t)))
@@ -204,11 +201,9 @@ class HiFiTextualInversion(PersonalizationModule):
 
     def regularization_loss(self) -> torch.Tensor | float:
         """w_s ‖c_s − ϕ_s‖² of the embedding being trained (eq. 6)."""
-        if self.reg_weight == 0 or not self.training:
+        if self.hparams.reg_weight == 0 or not self.training:
             return 0.0
-        reg = self.reg_weight * (self.training_embedding() - self.null_tail).pow(2).sum()
-        self._last_reg = reg.detach()
-        return reg
+        return self.hparams.reg_weight * (self.training_embedding() - self.null_tail).pow(2).sum()
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -232,17 +227,11 @@ class HiFiTextualInversion(PersonalizationModule):
                            "steps in all); untrained steps reuse the last trained embedding.")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self._last_reg = None
-        loss = super().training_step(batch, batch_idx)
+        loss = super().training_step(batch, batch_idx)  # logs train/loss_reg with the other loss parts
         self.log("train/hifi_phase", float(self.phase()), batch_size=1)
-        if self._last_reg is not None:
-            self.log("train/loss_reg", self._last_reg, batch_size=1)
         return loss
 
     # ------------------------------------------------------------------ artifact
-
-    def artifact_init_args(self) -> dict:
-        return {"num_tokens": self.num_tokens, "stepwise": self.stepwise, "num_ddim_steps": self.num_ddim_steps}
 
     def save_artifact_files(self, folder: Path) -> None:
         tensors = {"global": self.global_embedding}

@@ -45,8 +45,6 @@ class PeftAdapter(PersonalizationModule):
 
     def __init__(self, *args, unet_target_modules: Sequence[str] = UNET_TARGETS, train_text_encoder: bool = False,
                  text_target_modules: Sequence[str] = TEXT_TARGETS, **kwargs):
-        self.unet_target_modules, self.text_target_modules = list(unet_target_modules), list(text_target_modules)
-        self.train_text_encoder = train_text_encoder
         super().__init__(*args, **kwargs)
 
     def adapter_config(self, target_modules: list[str], part: str):
@@ -55,14 +53,14 @@ class PeftAdapter(PersonalizationModule):
 
     def adapted(self) -> dict[str, torch.nn.Module]:
         parts = {"unet": self.unet}
-        if self.train_text_encoder:
+        if self.hparams.train_text_encoder:
             parts["text_encoder"] = self.text_encoder
         return parts
 
     def configure_trainable(self) -> None:
-        self.unet.add_adapter(self.adapter_config(self.unet_target_modules, "unet"))
-        if self.train_text_encoder:
-            self.text_encoder.add_adapter(self.adapter_config(self.text_target_modules, "text_encoder"))
+        self.unet.add_adapter(self.adapter_config(list(self.hparams.unet_target_modules), "unet"))
+        if self.hparams.train_text_encoder:
+            self.text_encoder.add_adapter(self.adapter_config(list(self.hparams.text_target_modules), "text_encoder"))
 
     def adapter_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """peft-format state dicts of the adapters, ``{"unet": {...}, "text_encoder": {...}}``."""
@@ -80,10 +78,6 @@ class PeftAdapter(PersonalizationModule):
             raise KeyError(f"{type(self).__name__}: the {part} artifact holds weights this adapter lacks: {unexpected[:3]}. "
                            "Rebuild the module with the artifact's init args.")
 
-    def artifact_init_args(self) -> dict:
-        return {"unet_target_modules": self.unet_target_modules, "train_text_encoder": self.train_text_encoder,
-                "text_target_modules": self.text_target_modules}
-
     # peft's layout: one folder per adapted model (OFT, BOFT; LoRA overrides)
     def save_artifact_files(self, folder: Path) -> None:
         for part, state in self.adapter_state_dicts().items():
@@ -98,7 +92,7 @@ class PeftAdapter(PersonalizationModule):
             path = folder / part / PEFT_WEIGHTS_FILE
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: was the artifact saved with train_text_encoder="
-                                        f"{self.train_text_encoder}?")
+                                        f"{self.hparams.train_text_encoder}?")
             self.set_adapter_state_dict(part, load_file(str(path)))
 
 
@@ -123,21 +117,16 @@ class LoRA(PeftAdapter):
 
     def __init__(self, *args, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
                  text_rank: int | None = None, **kwargs):
-        self.rank, self.alpha, self.dropout = rank, alpha if alpha is not None else rank, dropout
-        self.text_rank = text_rank or rank
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     def adapter_config(self, target_modules: list[str], part: str):
         from peft import LoraConfig
 
-        rank = self.rank if part == "unet" else self.text_rank
-        alpha = self.alpha * rank / self.rank  # the same scale α/r for both parts
-        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=self.dropout, target_modules=target_modules,
+        hp = self.hparams
+        rank = hp.rank if part == "unet" else (hp.text_rank or hp.rank)
+        alpha = (hp.rank if hp.alpha is None else hp.alpha) * rank / hp.rank  # the same scale α/r for both parts
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=hp.dropout, target_modules=target_modules,
                           init_lora_weights="gaussian")
-
-    def artifact_init_args(self) -> dict:
-        return {**super().artifact_init_args(), "rank": self.rank, "alpha": self.alpha, "text_rank": self.text_rank}
 
     def save_artifact_files(self, folder: Path) -> None:
         from diffusers import StableDiffusionPipeline
@@ -165,10 +154,10 @@ class LoRA(PeftAdapter):
             if prefix not in parts:
                 raise KeyError(f"{folder / LORA_FILE}: entry {key!r} is neither unet.* nor text_encoder.*")
             parts[prefix][name] = value
-        if parts["text_encoder"] and not self.train_text_encoder:
+        if parts["text_encoder"] and not self.hparams.train_text_encoder:
             raise ValueError(f"{folder / LORA_FILE} holds text-encoder LoRA weights: rebuild with train_text_encoder=True.")
         self.set_adapter_state_dict("unet", convert_unet_state_dict_to_peft(parts["unet"]))
-        if self.train_text_encoder:
+        if self.hparams.train_text_encoder:
             self.set_adapter_state_dict("text_encoder", convert_state_dict_to_peft(parts["text_encoder"]))
 
 
@@ -191,19 +180,14 @@ class OFT(PeftAdapter):
                  dropout: float = 0.0, **kwargs):
         if (block_size > 0) == (num_blocks > 0):
             raise ValueError(f"OFT: give exactly one of block_size={block_size} and num_blocks={num_blocks} (the other 0).")
-        self.block_size, self.num_blocks, self.coft, self.eps, self.dropout = block_size, num_blocks, coft, eps, dropout
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     def adapter_config(self, target_modules: list[str], part: str):
         from peft import OFTConfig
 
-        return OFTConfig(r=self.num_blocks, oft_block_size=self.block_size, coft=self.coft, eps=self.eps,
-                         module_dropout=self.dropout, target_modules=target_modules)
-
-    def artifact_init_args(self) -> dict:
-        return {**super().artifact_init_args(), "block_size": self.block_size, "num_blocks": self.num_blocks,
-                "coft": self.coft, "eps": self.eps}
+        hp = self.hparams
+        return OFTConfig(r=hp.num_blocks, oft_block_size=hp.block_size, coft=hp.coft, eps=hp.eps,
+                         module_dropout=hp.dropout, target_modules=target_modules)
 
 
 class BOFT(PeftAdapter):
@@ -225,17 +209,12 @@ class BOFT(PeftAdapter):
                  dropout: float = 0.0, **kwargs):
         if (block_size > 0) == (num_blocks > 0):
             raise ValueError(f"BOFT: give exactly one of block_size={block_size} and num_blocks={num_blocks} (the other 0).")
-        self.block_size, self.num_blocks, self.butterfly_factor, self.dropout = block_size, num_blocks, butterfly_factor, dropout
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     def adapter_config(self, target_modules: list[str], part: str):
         from peft import BOFTConfig
 
-        return BOFTConfig(boft_block_size=self.block_size, boft_block_num=self.num_blocks,
-                          boft_n_butterfly_factor=self.butterfly_factor, boft_dropout=self.dropout,
+        hp = self.hparams
+        return BOFTConfig(boft_block_size=hp.block_size, boft_block_num=hp.num_blocks,
+                          boft_n_butterfly_factor=hp.butterfly_factor, boft_dropout=hp.dropout,
                           target_modules=target_modules)
-
-    def artifact_init_args(self) -> dict:
-        return {**super().artifact_init_args(), "block_size": self.block_size, "num_blocks": self.num_blocks,
-                "butterfly_factor": self.butterfly_factor}

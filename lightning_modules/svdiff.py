@@ -94,23 +94,21 @@ class SVDiff(PersonalizationModule):
     """
 
     default_learning_rate = 1e-3  # SVDiff, SD2-base (sampling study, appendix B)
+    runtime_args = ("svd_device",)
 
     def __init__(self, *args, train_text_encoder: bool = True, include_norms: bool = True,
                  include_embeddings: bool = True, learning_rate_1d: float = 1e-6,
                  svd_device: str | None = None, **kwargs):
-        self.train_text_encoder, self.include_norms = train_text_encoder, include_norms
-        self.include_embeddings, self.learning_rate_1d = include_embeddings, learning_rate_1d
-        self.svd_device = svd_device or ("cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     def configure_trainable(self) -> None:
         modules = {"unet": self.unet}
-        if self.train_text_encoder:
+        if self.hparams.train_text_encoder:
             modules["text_encoder"] = self.text_encoder
         self._shift_names: dict[str, SpectralShift] = {}  # "unet.<layer>.weight" -> its shift
+        svd_device = self.hparams.svd_device or ("cuda" if torch.cuda.is_available() else "cpu")
         for prefix, module in modules.items():
-            shifts = add_spectral_shifts(module, self.include_norms, self.include_embeddings, self.svd_device)
+            shifts = add_spectral_shifts(module, self.hparams.include_norms, self.hparams.include_embeddings, svd_device)
             self._shift_names.update({f"{prefix}.{k}": v for k, v in shifts.items()})
 
     def spectral_shifts(self) -> dict[str, SpectralShift]:
@@ -121,12 +119,8 @@ class SVDiff(PersonalizationModule):
         shifts = self.spectral_shifts().values()
         return [
             {"params": [s.delta for s in shifts if not s.is_vector]},
-            {"params": [s.delta for s in shifts if s.is_vector], "lr": self.learning_rate_1d},
+            {"params": [s.delta for s in shifts if s.is_vector], "lr": self.hparams.learning_rate_1d},
         ]
-
-    def artifact_init_args(self) -> dict:
-        return {"train_text_encoder": self.train_text_encoder, "include_norms": self.include_norms,
-                "include_embeddings": self.include_embeddings}
 
     def save_artifact_files(self, folder: Path) -> None:
         deltas = {k: s.delta.detach().float().cpu().contiguous() for k, s in self.spectral_shifts().items()}

@@ -38,13 +38,11 @@ class TextualInversion(PersonalizationModule):
                  include_superclass: bool = False, **kwargs):
         if num_vectors < 1:
             raise ValueError(f"num_vectors={num_vectors}: a token needs at least one vector.")
-        self.num_vectors, self.initializer_token, self.include_superclass = num_vectors, initializer_token, include_superclass
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
     def configure_trainable(self) -> None:
-        init = self.initializer_token or (self.superclass.split()[0] if self.superclass else None)
-        add_tokens(self.tokenizer, self.text_encoder, self.placeholder, self.num_vectors, init)
+        init = self.hparams.initializer_token or (self.superclass.split()[0] if self.superclass else None)
+        add_tokens(self.tokenizer, self.text_encoder, self.placeholder, self.hparams.num_vectors, init)
 
     @property
     def token_embedding(self):
@@ -55,15 +53,12 @@ class TextualInversion(PersonalizationModule):
     def concept_phrase(self) -> str:
         # written as the text encoder sees it (``<p> <p>_1 ...``), so samplers that locate
         # the concept's tokens (masked, Photoswap) find every vector
-        phrase = expand_placeholder(self.placeholder, self.placeholder, self.num_vectors)
-        return f"{phrase} {self.superclass}".strip() if self.include_superclass else phrase
+        phrase = expand_placeholder(self.placeholder, self.placeholder, self.hparams.num_vectors)
+        return f"{phrase} {self.superclass}".strip() if self.hparams.include_superclass else phrase
 
     def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
-        prompts = [expand_placeholder(p, self.placeholder, self.num_vectors) for p in prompts]
+        prompts = [expand_placeholder(p, self.placeholder, self.hparams.num_vectors) for p in prompts]
         return encode_text(self.tokenizer, self.text_encoder, prompts)
-
-    def artifact_init_args(self) -> dict:
-        return {"num_vectors": self.num_vectors, "include_superclass": self.include_superclass}
 
     def save_artifact_files(self, folder: Path) -> None:
         save_file({self.placeholder: self.token_embedding.new.detach().float().cpu().contiguous()}, str(folder / EMBEDS_FILE))

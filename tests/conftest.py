@@ -41,3 +41,20 @@ def quiet_trainer(**kwargs):
                     enable_model_summary=False, num_sanity_val_steps=0)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def build(cls, **kwargs):
+    """A method's module with its components loaded, as the Trainer's ``configure_model`` does."""
+    module = cls(**kwargs)
+    module.configure_model()
+    return module
+
+
+def make(cls, kwargs=None, **extra):
+    """A method on the tiny preset (placeholder ``sks``, superclass ``ball``), built."""
+    return build(cls, **{"pretrained_model": "tiny", "placeholder": "sks", "superclass": "ball", "learning_rate": 1e-2,
+                         **(kwargs or {}), **extra})
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

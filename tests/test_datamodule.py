@@ -168,7 +168,7 @@ def test_placeholder_already_in_vocabulary_for_new_token_methods():
     from lightning_modules import TextualInversion
 
     with pytest.raises(ValueError, match="already a token of the tokenizer"):
-        TextualInversion(pretrained_model="tiny", placeholder="dog", superclass="dog")
+        TextualInversion(pretrained_model="tiny", placeholder="dog", superclass="dog").configure_model()
 
 
 def test_collate_keeps_instances_before_priors():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import build
 from lightning_modules import DreamBoothQKV
 
 
@@ -24,5 +25,5 @@ def test_two_process_ddp_ranks_agree(tmp_path):
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     # and training did something: the weights differ from the base model's
-    base = dict(DreamBoothQKV(pretrained_model="tiny", superclass="ball").named_parameters())
+    base = dict(build(DreamBoothQKV, pretrained_model="tiny", superclass="ball").named_parameters())
     assert any(not torch.equal(base[k], v) for k, v in r0["state"].items())

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import build
 from evaluation import EvalConfig, Ranks, ResultStore, expand_sweep, pareto_mask, run_evaluation, summarize
 
 SWEEP = [{"sampler": "mixed", "zip": {"guidance_superclass": [0.0, 7.0], "guidance_concept": [7.0, 0.0]}}]
@@ -197,7 +198,7 @@ def test_trained_artifact_per_subject_is_evaluated(tmp_path):
     pytest.importorskip("lightning_modules")
     from lightning_modules import DreamBooth
 
-    module = DreamBooth(pretrained_model="tiny", superclass="dog")
+    module = build(DreamBooth, pretrained_model="tiny", superclass="dog")
     with torch.no_grad():
         module.unet.conv_out.weight.mul_(3.0)  # a "trained" UNet that differs from the base
     module.save_artifact(tmp_path / "runs" / "dog" / "artifact")

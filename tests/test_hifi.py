@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from components.loader import load_components
 from components.personalized import encode_text
-from conftest import quiet_trainer
+from conftest import build, quiet_trainer
 from datamodules.concept import ConceptDataModule
 from lightning_modules import HiFiTextualInversion, load_personalized
 from lightning_modules.hifi_tuner import EMBEDDINGS_FILE
@@ -29,7 +29,7 @@ def make(**kwargs) -> HiFiTextualInversion:
     kw = dict(pretrained_model="tiny", placeholder="sks", superclass="ball", learning_rate=1e-2, global_steps=2,
               num_ddim_steps=3, steps_per_timestep=2)
     kw.update(kwargs)
-    return HiFiTextualInversion(**kw)
+    return build(HiFiTextualInversion, **kw)
 
 
 def demo(batch_size: int = 2, **kwargs) -> ConceptDataModule:

@@ -9,6 +9,8 @@ that have a diffusers loader (LoRA, Custom Diffusion) and the method-specific ch
 
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,9 @@ from safetensors.torch import load_file
 
 from components.loader import load_components
 from components.personalized import encode_text
-from conftest import quiet_trainer
+from conftest import build, make, quiet_trainer, snapshot
 from lightning_modules import (BOFT, OFT, CustomDiffusion, DreamBooth, DreamBoothQKV, HiFiTextualInversion, LoRA,
-                               SVDiff, TextualInversion, load_personalized)
+                               PersonalizationModule, SVDiff, TextualInversion, load_personalized)
 
 METHODS = [
     pytest.param(DreamBooth, {}, id="dreambooth"),
@@ -42,15 +44,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def make(cls, kwargs, **extra):
-    kw = {"pretrained_model": "tiny", "placeholder": "sks", "superclass": "ball", "learning_rate": 1e-2, **kwargs, **extra}
-    return cls(**kw)
-
-
-def snapshot(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def unet_inputs(seed: int = 0):
@@ -117,6 +110,13 @@ def test_artifact_holds_only_what_trained_and_round_trips(cls, kwargs, tmp_path)
 
     loaded = load_personalized(artifact=folder)
     assert type(loaded) is cls and loaded.concept_phrase == module.concept_phrase
+    # every argument the method declares (beyond the base's and runtime ones) is recorded and rebuilt
+    own = {name for c in cls.__mro__[:cls.__mro__.index(PersonalizationModule)] if "__init__" in vars(c)
+           for name, p in inspect.signature(c.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    base = set(inspect.signature(PersonalizationModule.__init__).parameters)
+    saved = module.artifact_init_args()
+    assert set(saved) == own - base - set(cls.runtime_args) and saved
+    assert json.loads(json.dumps(loaded.artifact_init_args())) == json.loads(json.dumps(saved))
     x, t, _ = unet_inputs()
     prompts = [f"a photo of {module.concept_phrase}", "a photo of ball", ""]
     with torch.no_grad():
@@ -253,10 +253,10 @@ def test_oft_artifact_is_in_peft_layout(cls, kwargs, tmp_path):
 
     module = make(cls, kwargs)
     folder = module.save_artifact(tmp_path / "oft")
-    for part in ("unet", "text_encoder") if module.train_text_encoder else ("unet",):
+    for part in ("unet", "text_encoder") if module.hparams.train_text_encoder else ("unet",):
         config = PeftConfig.from_pretrained(str(folder / part))
         assert config.peft_type.value == cls.__name__
-        assert set(config.target_modules) == set(getattr(module, f"{'unet' if part == 'unet' else 'text'}_target_modules"))
+        assert set(config.target_modules) == set(module.hparams[f"{'unet' if part == 'unet' else 'text'}_target_modules"])
 
 
 def test_adapter_options_are_checked():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from components.personalized import BaseModel, PersonalizedModel
+from conftest import build
 from samplers import SAMPLERS, build_sampler
 
 pytest.importorskip("lightning_modules")
@@ -43,9 +44,9 @@ def perturbed(module, seed=0):
 def method(request, tmp_path_factory):
     """(in-memory module, the module reloaded from its artifact, the plain base model)."""
     if request.param == "textual_inversion":
-        module = TextualInversion(pretrained_model="tiny", placeholder="<toy-x>", superclass="toy")
+        module = build(TextualInversion, pretrained_model="tiny", placeholder="<toy-x>", superclass="toy")
     else:
-        module = DreamBooth(pretrained_model="tiny", placeholder="sks", superclass="toy")
+        module = build(DreamBooth, pretrained_model="tiny", placeholder="sks", superclass="toy")
     folder = perturbed(module).save_artifact(tmp_path_factory.mktemp(request.param) / "artifact")
     loaded = load_personalized(None, folder)
     base = load_personalized("tiny", superclass="toy", placeholder=module.placeholder)
@@ -77,7 +78,7 @@ def test_masked_sampler_locates_every_vector_of_a_multi_vector_token():
     from lightning_modules import TextualInversion
     from samplers.attention import concept_token_positions
 
-    model = TextualInversion(pretrained_model="tiny", placeholder="<ball1>", superclass="ball", num_vectors=3)
+    model = build(TextualInversion, pretrained_model="tiny", placeholder="<ball1>", superclass="ball", num_vectors=3)
     positions = concept_token_positions(model.tokenizer, "a {} on the beach", model.concept_phrase, model.superclass)
     ids = model.tokenizer(model.concept_phrase, add_special_tokens=False).input_ids
     full = model.tokenizer(f"a {model.concept_phrase} on the beach").input_ids

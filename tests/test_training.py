@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from conftest import quiet_trainer
+from conftest import build, make, quiet_trainer, snapshot
 from lightning_modules import DreamBooth, DreamBoothQKV, TextualInversion, load_personalized
 from lightning_modules.dreambooth import is_qkv
 
@@ -19,15 +19,6 @@ FOUNDATION = [
     (TextualInversion, {"placeholder": "<ball1>", "num_vectors": 2}),
 ]
 IDS = ["dreambooth", "dreambooth+te", "dreambooth_qkv", "textual_inversion"]
-
-
-def make(cls, kwargs, **extra):
-    kw = {"pretrained_model": "tiny", "placeholder": "sks", "superclass": "ball", "learning_rate": 1e-2, **kwargs, **extra}
-    return cls(**kw)
-
-
-def snapshot(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("cls,kwargs", FOUNDATION, ids=IDS)
