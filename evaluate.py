@@ -63,7 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--sampler", help=f"evaluate this one sampler (replaces the sweep); settings with --set [sweep: {d.sweep}]")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of --sampler (repeatable)")
     w.add_argument("--num-steps", type=int, help="DDIM steps of every sampler [each sampler's default, 50]")
-    w.add_argument("--batch-size", type=int, help=f"images per UNet batch [{d.batch_size}]")
+    w.add_argument("--batch-size", type=int, help=f"images per sampler run (cells sampled together) [{d.batch_size}]")
+    w.add_argument("--no-share", action="store_true",
+                   help="sample each setting on its own instead of all settings of a subject together "
+                        "(shared trajectory prefixes, packed UNet batches; same images to float rounding)")
+    w.add_argument("--unet-batch", type=int, help=f"rows per UNet call when settings are shared (32-64 on a GPU) [{d.unet_batch}]")
     e = p.add_argument_group("metrics")
     e.add_argument("--clip", help=f"CLIP hub id or folder ('tiny': tiny random backbone) [{d.clip}]")
     e.add_argument("--dino", help=f"DINO / DINOv2 hub id or folder, e.g. facebook/dinov2-small ('tiny', 'tiny-dinov2') [{d.dino}]")
@@ -95,7 +99,10 @@ def build_config(args: argparse.Namespace):
         clip=args.clip, dino=args.dino, clip_backend=args.clip_backend, clip_t_text=args.clip_t_text,
         judge=args.judge, output=args.output, device=args.device, devices=args.devices, accelerator=args.accelerator,
         num_nodes=args.num_nodes, wandb_project=args.wandb_project, wandb_name=args.wandb_name,
+        unet_batch=args.unet_batch,
     )
+    if args.no_share:
+        cfg.share = False
     if args.sweep:
         data = yaml.safe_load(open(args.sweep)) or []
         cfg.sweep = data.get("sweep", []) if isinstance(data, dict) else data

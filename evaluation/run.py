@@ -3,7 +3,8 @@
 The plan is every *cell* (subject, sampler setting); each cell samples the subject's
 prompt templates × ``num_images`` images, scores them with CLIP-I, CLIP-T and DINO, and
 becomes one row of ``results.csv``. A rerun skips the cells already in the table. On
-several ranks, rank r takes the pending cells i with i % world == r, appends its rows to
+several ranks, rank r takes the pending cells i with i % world == r (with ``share``: the
+pending subjects i with i % world == r, each with all its settings), appends its rows to
 its own part file, and rank 0 merges the table, writes the per-setting summary (mean
 over subjects) and the Pareto plots, and logs them to W&B when a run is active.
 
@@ -47,6 +48,10 @@ class EvalConfig:
     ``"object"``, ``"live"``, a file or a list; ``num_prompts`` keeps the first ones.
     ``judge``: a MiniWorld judge folder: also the ground-truth ``identity`` and ``prompt``
     accuracy of MiniWorld concepts (:mod:`miniworld.metrics`).
+    Work: ``share`` samples all pending settings of a subject together through
+    :class:`evaluation.planner.SweepPlanner` (shared trajectory prefixes, UNet calls of
+    ``unet_batch`` rows); off, each setting samples on its own in batches of
+    ``batch_size`` images.
     """
 
     model: str | None = None
@@ -76,6 +81,8 @@ class EvalConfig:
     wandb_project: str | None = None
     wandb_name: str | None = None
     log_grids: bool = False
+    share: bool = True
+    unet_batch: int = 32
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **overrides) -> "EvalConfig":
@@ -202,6 +209,54 @@ def evaluate_cell(model, sampler, subject: Subject, metrics: ConceptMetrics, num
             "seconds": round(time.perf_counter() - start, 3)}
 
 
+def evaluate_points(model, points: list[SweepPoint], subject: Subject, metrics: ConceptMetrics, num_images: int,
+                    seed: int, batch_size: int, planner, grid_paths: list[Path | None] | None = None) -> list[dict]:
+    """:func:`evaluate_cell` for many settings of one subject at once, through the planner.
+
+    Templates go a few at a time (about ``batch_size`` images) to the planner with every
+    setting, so the settings share trajectory prefixes and fill UNet batches; each
+    setting keeps its own metric state. ``seconds`` is the subject's time over its
+    settings (they are computed together).
+    """
+    from callbacks.image_grid import make_grid, to_uint8
+
+    metrics.set_concept(subject.images, subject.superclass)
+    samplers = [p.build() for p in points]
+    fresh = metrics.get_state()
+    states = [fresh] * len(points)
+    acc = [{"evals": 0.0, "max_batch": 0, "n": 0, "kept": []} for _ in points]
+    per_call = max(1, batch_size // num_images)
+    start = time.perf_counter()
+    for i in range(0, len(subject.templates), per_call):
+        cells = [(t, k) for t in subject.templates[i : i + per_call] for k in range(num_images)]
+        outs = planner.sample(model, [(s, cells) for s in samplers], seed=seed, batch_size=batch_size)
+        for j, out in enumerate(outs):
+            metrics.set_state(states[j])
+            metrics.update(out.images, out.templates)
+            states[j] = metrics.get_state()
+            a = acc[j]
+            a["evals"] += out.cost["unet_evals_per_image"] * len(out.images)
+            a["max_batch"] = max(a["max_batch"], int(out.cost["max_unet_batch"]))
+            a["n"] += len(out.images)
+            if grid_paths is not None and grid_paths[j] is not None:
+                a["kept"].append(to_uint8(out.images))
+    seconds = (time.perf_counter() - start) / max(len(points), 1)
+    rows = []
+    for j, a in enumerate(acc):
+        metrics.set_state(states[j])
+        values = metrics.compute()
+        if a["kept"]:
+            import numpy as np
+            from PIL import Image
+
+            grid_paths[j].parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(make_grid(np.concatenate(a["kept"]), rows=len(subject.templates))).save(grid_paths[j])
+        rows.append({**{k: values.get(k, float("nan")) for k in ("clip_i", "clip_t", "dino", "identity", "prompt")},
+                     "unet_evals_per_image": a["evals"] / max(a["n"], 1), "max_unet_batch": a["max_batch"],
+                     "num_images": a["n"], "seconds": round(seconds, 3)})
+    return rows
+
+
 def _grid_path(output: Path, subject: str, point: SweepPoint) -> Path:
     tag = hashlib.sha256(point.settings_json.encode()).hexdigest()[:6]
     name = re.sub(r"[^A-Za-z0-9=.,_-]+", "_", f"{point.sampler}_{point.label}")[:80]
@@ -244,7 +299,11 @@ def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[s
     done = store.done_keys()
     ranks.barrier()  # every rank has read the same table before any rank appends to it
     pending = [(cell, k) for cell, k in zip(plan, keys) if k not in done]
-    mine = pending[ranks.rank :: ranks.world]
+    if cfg.share:  # whole subjects per rank, so that a subject's settings share work
+        names = list(dict.fromkeys(s.name for (s, _), _ in pending))
+        mine = [c for c in pending if names.index(c[0][0].name) % ranks.world == ranks.rank]
+    else:
+        mine = pending[ranks.rank :: ranks.world]
     if ranks.rank == 0:
         log(f"[eval] {len(plan)} cells, {len(plan) - len(pending)} done, {len(pending)} to run on {ranks.world} rank(s)")
     new_rows = []
@@ -254,6 +313,32 @@ def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[s
                                  judge=cfg.judge)
         metrics.to(ranks.device)
         models = ModelSource(cfg, ranks.device)
+        if cfg.share:
+            from evaluation.planner import SweepPlanner
+
+            planner = SweepPlanner(unet_batch=cfg.unet_batch)
+            done_points = 0
+            for name in dict.fromkeys(s.name for (s, _), _ in mine):
+                subject = next(s for (s, _), _ in mine if s.name == name)
+                cells = [(p, k) for (s, p), k in mine if s.name == name]
+                points = [p for p, _ in cells]
+                grids = [_grid_path(output, subject.name, p) for p in points] if cfg.save_grids else None
+                before = (planner.stats.naive_rows, planner.stats.rows)
+                values = evaluate_points(models.get(subject), points, subject, metrics, cfg.num_images, cfg.seed,
+                                         cfg.batch_size, planner, grids)
+                naive, rows_run = planner.stats.naive_rows - before[0], planner.stats.rows - before[1]
+                log(f"[eval rank {ranks.rank}] {subject.name}: {len(points)} settings sampled together, "
+                    f"{rows_run} UNet rows instead of {naive} ({naive / max(rows_run, 1):.2f}x less UNet work)")
+                for (point, key), v in zip(cells, values):
+                    row = {"subject": subject.name, "sampler": point.sampler, "curve": point.curve,
+                           "setting": point.label, **v, "settings": point.settings_json, "key": key}
+                    store.append(row, ranks.rank)
+                    new_rows.append(row)
+                    done_points += 1
+                    judged = f" identity {100 * row['identity']:.1f}% prompt {100 * row['prompt']:.1f}%" if cfg.judge else ""
+                    log(f"[eval rank {ranks.rank}] {done_points}/{len(mine)} {subject.name} {point.sampler} "
+                        f"{point.label}: CLIP-I {row['clip_i']:.4f} CLIP-T {row['clip_t']:.4f} DINO {row['dino']:.4f}{judged}")
+            mine = []
         for j, ((subject, point), key) in enumerate(mine):
             grid = _grid_path(output, subject.name, point) if cfg.save_grids else None
             values = evaluate_cell(models.get(subject), point.build(), subject, metrics, cfg.num_images, cfg.seed,

@@ -141,6 +141,18 @@ class ConceptMetrics(nn.Module):
         judge's accuracies are shares in [0, 1]."""
         return {name: float(m.compute()) for name, m in self.metrics.items()}
 
+    def get_state(self) -> dict:
+        """The running values of every metric (to score several sampler settings in turn)."""
+        return {n: ({s: getattr(m, s).clone() for s in m._defaults}, m._update_count) for n, m in self.metrics.items()}
+
+    def set_state(self, state: dict) -> None:
+        """Running values saved by :meth:`get_state`."""
+        for name, (values, count) in state.items():
+            m = self.metrics[name]
+            for s, v in values.items():
+                setattr(m, s, v.clone())
+            m._update_count, m._computed = count, None
+
     def reset(self) -> None:
         for m in self.metrics.values():
             m.reset()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import threading
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -95,15 +96,58 @@ class ControlledProcessor:
         return out / attn.rescale_output_factor
 
 
+#: The run of the sweep planner's worker thread (evaluation.planner): there the UNet is
+#: shared by many runs, so a control belongs to that run's rows, not to the whole UNet.
+planned = threading.local()
+
+
 @contextmanager
 def attention_control(unet, control: AttentionControl) -> Iterator[AttentionControl]:
-    """Install ``control`` on every attention layer of ``unet``; restore on exit."""
+    """Install ``control`` on every attention layer of ``unet``; restore on exit.
+
+    Inside a run of the sweep planner, the control is attached to that run instead and
+    applies to its rows only (:class:`SegmentedProcessor`).
+    """
+    run = getattr(planned, "run", None)
+    if run is not None and run.unet is unet:
+        previous, run.control = run.control, control
+        try:
+            yield control
+        finally:
+            run.control = previous
+        return
     original = dict(unet.attn_processors)
     unet.set_attn_processor({name: ControlledProcessor(proc, control) for name, proc in original.items()})
     try:
         yield control
     finally:
         unet.set_attn_processor(dict(original))
+
+
+class SegmentedProcessor:
+    """One attention layer of a packed UNet call whose rows belong to several runs.
+
+    ``plan.segments`` lists (start, stop, control or None) row ranges that cover the
+    call; each range is attended on its own, with its run's control (the layout a
+    control sees, branch-major rows, is that of its own run's call). Empty: the original
+    processor on all rows.
+    """
+
+    def __init__(self, original, plan):
+        self.original, self.plan = original, plan
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        segments = self.plan.segments
+        if not segments:
+            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=attention_mask, temb=temb, **kwargs)
+        outs = []
+        for start, stop, control in segments:
+            proc = self.original if control is None else ControlledProcessor(self.original, control)
+            part = lambda x: None if x is None else x[start:stop]  # noqa: E731
+            outs.append(proc(attn, hidden_states[start:stop], encoder_hidden_states=part(encoder_hidden_states),
+                             attention_mask=part(attention_mask), temb=part(temb), **kwargs))
+        return torch.cat(outs)
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

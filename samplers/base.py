@@ -107,10 +107,21 @@ class Run:
         x = torch.cat([z for z, _ in branches])  # (n·B, C, h, w)
         x = self.scheduler.scale_model_input(x, t)
         context = torch.cat([self.embeddings(kind, t) for _, kind in branches])  # (n·B, L, D)
-        out = self.unet(x, t, encoder_hidden_states=context).sample  # (n·B, C, h, w)
         self.unet_rows += x.shape[0]
         self.max_branches = max(self.max_branches, len(branches))
-        return list(out.chunk(len(branches)))
+        return list(self.forward(x, t, context, branches).chunk(len(branches)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, branches) -> torch.Tensor:
+        """The UNet on the rows of one :meth:`predict` call, (n·B, C, h, w) -> (n·B, C, h, w).
+
+        The sweep planner (evaluation.planner) overrides this to share and pack the rows
+        of many runs; ``branches`` tells it which rows are predictions at the run's
+        current latent.
+        """
+        return self.unet(x, t, encoder_hidden_states=context).sample
+
+    def start_step(self, i: int, key, z: torch.Tensor) -> None:
+        """Called by the loop before step i with the sampler's :meth:`Sampler.step_key` and z_t."""
 
     def noise(self, stream: str) -> torch.Tensor:
         """(B, C, h, w): the next N(0, I) draw of each cell's own ``stream``."""
@@ -227,6 +238,35 @@ class Sampler:
         """A context manager around the whole loop of a run (attention processors)."""
         return nullcontext()
 
+    def step_key(self, i: int):
+        """What step i does, as a hashable value, or None (the default: nothing shared).
+
+        The contract that lets a sweep share work (evaluation.planner): two runs of the
+        same cells, seed and num_steps whose keys agree at steps 0 ... k−1 hold the same
+        latent (and sampler state) before step k, bit for bit. So a key must name the
+        formula and every value step i uses, with the same arithmetic for the same key
+        (``cfg_key``, ``mixed_key``), and a sampler whose step keeps state (a second
+        trajectory, a noise stream) must say so in its key. Only the class that defines
+        ``step_key`` itself is trusted: a subclass that does not redefine it shares
+        nothing beyond step 0's predictions.
+        """
+        return None
+
+    def shared_step_key(self, i: int):
+        """:meth:`step_key` if this very class defines it, else None."""
+        return self.step_key(i) if "step_key" in type(self).__dict__ else None
+
+    def run_loop(self, run: Run, on_step=None) -> torch.Tensor:
+        """x_T -> z_0 of one run: every step, inside the sampler's attention context."""
+        with self.attention(run):
+            z = run.x_T
+            for i, t in enumerate(run.scheduler.timesteps):
+                run.start_step(i, self.shared_step_key(i), z)
+                z = self.step(run, i, t, z)  # (B, C, h, w)
+                if on_step is not None:
+                    on_step(run.batch)
+        return z
+
     # ------------------------------------------------------------------ the loop
 
     @torch.no_grad()
@@ -265,11 +305,7 @@ class Sampler:
         with tqdm(total=len(cells) * self.num_steps, disable=not progress, desc=self.name, unit="img·step") as bar:
             for start in range(0, len(cells), batch_size):
                 run = Run(model, cells[start : start + batch_size], seed, self.num_steps)
-                with self.attention(run):
-                    z = run.x_T
-                    for i, t in enumerate(run.scheduler.timesteps):
-                        z = self.step(run, i, t, z)  # (B, C, h, w)
-                        bar.update(run.batch)
+                z = self.run_loop(run, on_step=bar.update)
                 images.append(decode(run.components.vae, z).float().cpu())
                 rows, max_branches = rows + run.unet_rows, max(max_branches, run.max_branches)
         cost = {"unet_evals_per_image": rows / max(len(cells), 1), "max_unet_batch": max_branches}
@@ -279,6 +315,16 @@ class Sampler:
             [i for _, i in cells],
             cost,
         )
+
+
+def cfg_key(kind: str, scale: float) -> tuple:
+    """Step key of ``u + ω(x − u)`` with x the prediction of ``kind`` at z (eqs. 4, 5, 7, 8)."""
+    return ("cfg", kind, float(scale))
+
+
+def mixed_key(w_c: float, w_s: float) -> tuple:
+    """Step key of ``u + ω_s(s − u) + ω_c(c − u)`` (eq. 6)."""
+    return ("mixed", float(w_c), float(w_s))
 
 
 def decode(vae, z: torch.Tensor) -> torch.Tensor:

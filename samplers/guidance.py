@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Sampler, Scale, scale_at
+from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Sampler, Scale, cfg_key, mixed_key, scale_at
 from samplers.registry import register
 
 
@@ -27,6 +27,9 @@ class ConceptSampler(Sampler):
         u, c = run.predict(t, [(z, UNCOND), (z, CONCEPT)])
         return u + scale_at(self.guidance, i) * (c - u)  # eq. 4
 
+    def step_key(self, i: int):
+        return cfg_key(CONCEPT, scale_at(self.guidance, i))
+
 
 @register
 class SuperclassSampler(Sampler):
@@ -41,6 +44,9 @@ class SuperclassSampler(Sampler):
     def guide(self, run: Run, i: int, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         u, s = run.predict(t, [(z, UNCOND), (z, SUPERCLASS)])
         return u + scale_at(self.guidance, i) * (s - u)  # eq. 5
+
+    def step_key(self, i: int):
+        return cfg_key(SUPERCLASS, scale_at(self.guidance, i))
 
 
 @register
@@ -59,6 +65,9 @@ class MixedSampler(Sampler):
         w_c, w_s = scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i)
         return u + w_s * (s - u) + w_c * (c - u)  # eq. 6
 
+    def step_key(self, i: int):
+        return mixed_key(scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i))
+
 
 @register
 class SwitchingSampler(Sampler):
@@ -76,6 +85,9 @@ class SwitchingSampler(Sampler):
         kind = SUPERCLASS if i < self.t_sw else CONCEPT
         u, x = run.predict(t, [(z, UNCOND), (z, kind)])
         return u + scale_at(self.guidance, i) * (x - u)  # eq. 7: x = s while i < t_sw, else c
+
+    def step_key(self, i: int):
+        return cfg_key(SUPERCLASS if i < self.t_sw else CONCEPT, scale_at(self.guidance, i))
 
 
 @register
@@ -102,3 +114,7 @@ class MultiStageSampler(Sampler):
             return u + (w_s + w_c) * (s - u)  # eq. 8, first t_sw steps
         u, c, s = run.predict(t, [(z, UNCOND), (z, CONCEPT), (z, SUPERCLASS)])
         return u + w_s * (s - u) + w_c * (c - u)  # eq. 8, then eq. 6
+
+    def step_key(self, i: int):
+        w_c, w_s = scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i)
+        return cfg_key(SUPERCLASS, w_s + w_c) if i < self.t_sw else mixed_key(w_c, w_s)

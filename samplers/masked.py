@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from samplers.attention import ConceptMapStore, attention_control, concept_token_weights
-from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Sampler, Scale, scale_at
+from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Sampler, Scale, mixed_key, scale_at
 from samplers.registry import register
 
 
@@ -79,3 +79,8 @@ class MaskedSampler(Sampler):
         inside = u + w_c * (c - u) + w_s * (s - u)  # eq. 10, inside M_t
         outside = u + (w_c + w_s) * (s - u)  # eq. 10, outside M_t
         return torch.where(mask, inside, outside)  # eq. 11, after t_sw
+
+    def step_key(self, i: int):
+        if i < self.t_sw:
+            return mixed_key(scale_at(self.guidance_concept_0, i), scale_at(self.guidance_superclass_0, i))
+        return ("masked", scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i), self.q)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 
 from samplers.attention import AttentionInjection, align_tokens, attention_control
-from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Scale, scale_at
+from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Scale, cfg_key, scale_at
 from samplers.guidance import ConceptSampler
 from samplers.registry import register
 
@@ -73,3 +73,9 @@ class PhotoswapSampler(ConceptSampler):
         guided = torch.cat([u_c + w * (c - u_c), u_s + w * (s - u_s)])  # eq. 4 and eq. 5, (2B, C, h, w)
         z, run.state["z_superclass"] = run.scheduler.step(guided, t, torch.cat([z, z_s])).prev_sample.chunk(2)
         return z
+
+    def step_key(self, i: int):
+        w = scale_at(self.guidance, i)
+        if i >= self.injection_steps:
+            return cfg_key(CONCEPT, w)  # concept sampling; the superclass trajectory is no longer used
+        return ("photoswap", w, i < self.t_sf, i < self.t_cm, i < self.t_sm)  # both trajectories

@@ -57,3 +57,8 @@ class ProFusionSampler(MixedSampler):
     def step(self, run: Run, i: int, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         z = self.fuse(run, i, t, z)
         return super().step(run, i, t, z)  # mixed step (eq. 6) from the fused latent
+
+    def step_key(self, i: int):
+        # the key names the noise stream too: equal histories have drawn equally often
+        return ("profusion", scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i), self.r,
+                scale_at(self.guidance_refine, i), NOISE_STREAM)

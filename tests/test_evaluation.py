@@ -139,7 +139,8 @@ def test_cells_sharded_over_two_ranks_equal_one_rank(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert [(r["subject"], r["setting"]) for r in results[1]] == [("dog", single[1]["setting"]), ("teapot", single[3]["setting"])]
+    # with shared sampling (the default) a rank takes whole subjects: rank 1 has teapot
+    assert [(r["subject"], r["setting"]) for r in results[1]] == [("teapot", single[2]["setting"]), ("teapot", single[3]["setting"])]
     merged = results[0]
     assert [r["key"] for r in merged] == [r["key"] for r in single]  # all 4 cells, in plan order
     for a, b in zip(merged, single):
@@ -210,3 +211,16 @@ def test_trained_artifact_per_subject_is_evaluated(tmp_path):
     assert tuned[0]["clip_i"] != pytest.approx(base[0]["clip_i"], abs=1e-6)
     with pytest.raises(ValueError, match="Nothing to evaluate"):
         run_evaluation(_cfg(tmp_path, model=None, output=str(tmp_path / "none"), **kw), log=lambda m: None)
+
+
+def test_shared_sweep_scores_equal_the_unshared_sweep(tmp_path):
+    """share (the default: the subject's settings planned together) and share=False give
+    the same table, with the per-setting cost columns unchanged."""
+    kw = dict(sweep=SWEEP + [{"sampler": "switching", "grid": {"t_sw": [1]}}], save_grids=False)
+    shared = run_evaluation(_cfg(tmp_path, output=str(tmp_path / "shared"), **kw), log=lambda m: None)
+    alone = run_evaluation(_cfg(tmp_path, output=str(tmp_path / "alone"), share=False, **kw), log=lambda m: None)
+    assert [r["key"] for r in shared] == [r["key"] for r in alone]
+    for a, b in zip(shared, alone):
+        assert float(a["unet_evals_per_image"]) == float(b["unet_evals_per_image"])
+        for m in ("clip_i", "clip_t", "dino"):
+            assert float(a[m]) == pytest.approx(float(b[m]), abs=1e-5)
