@@ -32,7 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from components.errors import UserError
 from datamodules.prompts import dreambooth_prompts, prompt_set_for_class, read_dreambooth_classes, read_prompt_file
@@ -194,25 +194,76 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+class EpochSeededSampler(DistributedSampler):
+    """A shuffle that depends only on (seed, epoch), sharded over the ranks of a
+    distributed run, so a resumed run sees the same order.
 
-    def __init__(self, dataset: ConceptDataset, seed: int = 0, shuffle: bool = True):
+    Each epoch is a permutation of ``(seed, epoch)``, padded to a multiple of
+    ``num_replicas`` and dealt out ``rank::num_replicas`` (as ``DistributedSampler``; being
+    one, Lightning does not wrap it in another). ``skip(n)`` starts the next iteration
+    ``n`` indices into this rank's share: how :class:`ResumableLoader` resumes mid-epoch.
+    """
+
+    def __init__(self, dataset: ConceptDataset, seed: int = 0, shuffle: bool = True, num_replicas: int = 1,
+                 rank: int = 0):
+        # not DistributedSampler.__init__: it would ask torch.distributed for the ranks
         self.dataset, self.seed, self.shuffle, self.epoch = dataset, seed, shuffle, 0
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, False
+        self.num_samples = math.ceil(len(dataset) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.epoch = epoch
 
+    def skip(self, n: int) -> None:
+        self._skip = n
+
     def __iter__(self) -> Iterator[int]:
         n = len(self.dataset)
-        if not self.shuffle:
-            return iter(range(n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(n, generator=g).tolist())
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        order += order[: self.total_size - n]  # pad: every rank takes as many steps
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        start, self._skip = self._skip, 0
+        return iter(mine[start:])
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints mid-epoch (its resumable-loader protocol:
+    ``state_dict`` / ``load_state_dict``): it counts the batches it handed out this epoch,
+    and a run resumed from the checkpoint starts the same epoch after them, so training
+    continues exactly as if never stopped. Lightning does not prefetch from a loader with
+    a length, so batches handed out are batches trained on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._resume: dict | None = None
+
+    def __iter__(self):
+        sampler, skip = self.sampler, 0
+        if self._resume is not None and self._resume["epoch"] == sampler.epoch:
+            skip = min(self._resume["batches"], len(self))
+            sampler.skip(skip * self.batch_size)
+        self._resume, self._served = None, skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+        self.sampler.set_epoch(state["epoch"])  # Lightning sets it again before iterating
 
 
 class ConceptDataModule(L.LightningDataModule):
@@ -378,10 +429,11 @@ class ConceptDataModule(L.LightningDataModule):
         self.val_set = ConceptDataset(self.concept_images, hp.instance_template, hp.resolution, True, False, 1, seed=hp.seed)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, sampler=EpochSeededSampler(self.train_set, self.hparams.seed),
-            collate_fn=collate, num_workers=self.hparams.num_workers, drop_last=False,
-        )
+        trainer = self.trainer  # None outside a Trainer: one process
+        ranks = dict(num_replicas=trainer.world_size, rank=trainer.global_rank) if trainer is not None else {}
+        sampler = EpochSeededSampler(self.train_set, self.hparams.seed, **ranks)
+        return ResumableLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate,
+                               num_workers=self.hparams.num_workers, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=collate,
