@@ -7,8 +7,8 @@ Notation (paper -> code):
     c        text-encoder output of the prompt, (L, D)           encode_text(...)
     ϕ        the null-text ("") embedding, (L, D)
     ϕ_s      its last n vectors, (n, D)                          self.null_tail
-    c_s      the learned vectors, (n, D)                         self.global_embedding
-    c_s^t    per DDIM step t, (n, D) each                        self.stepwise_embeddings[k]
+    c_s      the learned vectors, (n, D)                         self.embeddings[0]  (global_embedding)
+    c_s^t    per DDIM step t_k, (n, D) each                      self.embeddings[1 + k]  (stepwise_embeddings[k])
     [c, c_s] c with its last n vectors replaced by c_s           substitute()
 
 How the concept is marked in prompts: the concept phrase is ``"<placeholder> <superclass>"``
@@ -29,8 +29,11 @@ nearest to ``timestep`` (eq. 7); ``timestep_dependent`` tells samplers to ask pe
 Artifact: ``hifi_embeddings.safetensors`` with ``global`` (n, D) and, with step-wise
 embeddings, ``stepwise`` (S, n, D) and ``timesteps`` (S,).
 
-Multi-GPU: all but one embedding are unused at every step, so DDP needs
-``strategy: ddp_find_unused_parameters_true``.
+All embeddings are rows of one parameter, ``embeddings`` (1 + S, n, D), indexed by the
+phase: every step uses it, so plain ``strategy: ddp`` trains HiFi Tuner on many GPUs. Only
+the row of the current phase may change: when a phase begins its optimizer state starts
+afresh (as a new parameter's would), and the other rows are put back after each optimizer
+step (weight decay or momentum would otherwise move them).
 """
 
 from __future__ import annotations
@@ -91,14 +94,14 @@ class HiFiTextualInversion(PersonalizationModule):
         with torch.no_grad():
             null = encode_text(self.tokenizer, self.text_encoder, [""])[0].float()  # (L, D): ϕ
         self.register_buffer("null_tail", null[-n:].clone(), persistent=False)  # (n, D): ϕ_s
-        self.global_embedding = nn.Parameter(self.null_tail.clone())  # (n, D): c_s, initialised to ϕ_s
+        rows = 1 + (self.num_ddim_steps if self.stepwise else 0)
+        # (1 + S, n, D): c_s, then c_s^{t_k} per DDIM step, all initialised to ϕ_s; one parameter
+        # indexed by the phase, so every step uses it (plain DDP needs that)
+        self.embeddings = nn.Parameter(self.null_tail.clone().repeat(rows, 1, 1))
         if self.stepwise:
             sched = self.components.ddim_scheduler()
             sched.set_timesteps(self.num_ddim_steps)
             self.register_buffer("stepwise_timesteps", sched.timesteps.clone().long())  # (S,), T first
-            # one parameter per DDIM step: an unused step has no gradient, so Adam leaves it alone
-            self.stepwise_embeddings = nn.ParameterList(
-                [nn.Parameter(self.null_tail.clone()) for _ in range(self.num_ddim_steps)])
             # number of step-wise phases started (their embeddings initialised from the previous step)
             self.register_buffer("phases_started", torch.zeros((), dtype=torch.long))
 
@@ -108,6 +111,16 @@ class HiFiTextualInversion(PersonalizationModule):
     global_steps = property(lambda self: self.hparams.global_steps)
     num_ddim_steps = property(lambda self: self.hparams.num_ddim_steps)
     steps_per_timestep = property(lambda self: self.hparams.steps_per_timestep)
+
+    @property
+    def global_embedding(self) -> torch.Tensor:
+        """(n, D): c_s, row 0 of ``embeddings``."""
+        return self.embeddings[0]
+
+    @property
+    def stepwise_embeddings(self) -> torch.Tensor:
+        """(S, n, D): c_s^{t_k} as trained so far, rows 1 ... S of ``embeddings``."""
+        return self.embeddings[1:]
 
     def extra_state_keys(self) -> list[str]:
         return ["stepwise_timesteps", "phases_started"] if self.stepwise else []
@@ -145,9 +158,9 @@ class HiFiTextualInversion(PersonalizationModule):
         return self.stepwise_table()[k]
 
     def training_embedding(self) -> torch.Tensor:
-        """(n, D): the embedding the current optimizer step trains."""
-        k = self.phase()
-        return self.global_embedding if k < 0 else self.stepwise_embeddings[k]
+        """(n, D): the embedding the current optimizer step trains: row 0 (c_s) in the global
+        phase, row 1 + k (c_s^{t_k}) in phase k."""
+        return self.embeddings[1 + self.phase()]
 
     # ------------------------------------------------------------------ prompts
 
@@ -195,9 +208,20 @@ class HiFiTextualInversion(PersonalizationModule):
         if k >= 0 and int(self.phases_started) <= k:
             with torch.no_grad():
                 for j in range(int(self.phases_started), k + 1):
-                    previous = self.global_embedding if j == 0 else self.stepwise_embeddings[j - 1]
-                    self.stepwise_embeddings[j].copy_(previous)
+                    self.embeddings[1 + j].copy_(self.embeddings[j])  # row j: c_s (j = 0) or c_s^{t_{j-1}}
             self.phases_started.fill_(k + 1)
+            # a new embedding starts with a fresh optimizer state (Adam's moments and step count),
+            # as a parameter of its own would; the rows of finished phases then get no updates
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.pop(self.embeddings, None)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # only the current phase's row trains: put the others back after the update
+        row, before = 1 + self.phase(), self.embeddings.detach().clone()
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            self.embeddings[:row].copy_(before[:row])
+            self.embeddings[row + 1:].copy_(before[row + 1:])
 
     def regularization_loss(self) -> torch.Tensor | float:
         """w_s ‖c_s − ϕ_s‖² of the embedding being trained (eq. 6)."""
@@ -252,6 +276,5 @@ class HiFiTextualInversion(PersonalizationModule):
                 if not torch.equal(state["timesteps"].long(), self.stepwise_timesteps.cpu()):
                     raise ValueError(f"{folder / EMBEDDINGS_FILE}: its DDIM timesteps differ from this model's "
                                      f"({self.num_ddim_steps} steps of the base scheduler); rebuild with its num_ddim_steps.")
-                for k, row in enumerate(state["stepwise"]):
-                    self.stepwise_embeddings[k].copy_(row)
+                self.embeddings[1:].copy_(state["stepwise"])
                 self.phases_started.fill_(self.num_ddim_steps)

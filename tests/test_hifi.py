@@ -96,7 +96,7 @@ def test_masked_loss_has_no_gradient_from_outside_the_mask():
     grad = outputs[-1].grad  # (B, 4, 8, 8): d loss / d ε̂
     assert grad[..., :4].abs().max() == 0  # outside the mask: no gradient at all
     assert grad[..., 4:].abs().min() > 0
-    assert module.global_embedding.grad.abs().max() > 0
+    assert module.embeddings.grad[0].abs().max() > 0  # c_s (row 0) trains in the global phase
 
 
 def test_mask_guidance_without_masks_is_a_clear_error(tmp_path):
@@ -140,6 +140,13 @@ def test_algorithm_1_runs_inside_one_lightning_fit(tmp_path):
         assert set(timesteps) == {ddim[k]}  # only the k-th DDIM timestep
         if (step - module.global_steps) % module.steps_per_timestep == 0:
             assert torch.equal(before[k + 1], final[k])  # c_s^t starts from c_s^{t+1} (c_s for the first)
+    # an optimizer step changes the row it trains and no other (one parameter holds them all)
+    after = recorder.before[1:] + [final]
+    for step, (before, later) in enumerate(zip(recorder.before, after)):
+        row = module.phase(step) + 1
+        started = module.phase(step + 1) + 1 if module.phase(step + 1) != module.phase(step) else None
+        assert not torch.equal(before[row], later[row]), step
+        assert all(torch.equal(before[j], later[j]) for j in range(len(before)) if j not in (row, started)), step
     # every step-wise embedding trained, each differently
     assert all(not torch.equal(final[k], final[k + 1]) for k in range(len(final) - 1))
 
