@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import struct
+import time
 from pathlib import Path
 
 import lightning as L
@@ -58,8 +59,21 @@ def reference_run(tmp_path_factory):
     return rec
 
 
-def _wandb_history(run_dir: Path) -> list[dict]:
-    """History rows of an offline run, read from its .wandb file (a LevelDB-style record log)."""
+def _wandb_history(run_dir: Path, wait_for: str, timeout: float = 60.0) -> list[dict]:
+    """History rows of an offline run, read from its .wandb file (a LevelDB-style record log).
+
+    wandb-core may still be writing the file after ``wandb.finish()`` returns (seen on a loaded
+    machine), so this re-reads it until a row holds ``wait_for`` or ``timeout`` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = _read_history(run_dir)
+        if any(wait_for in r for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.25)
+
+
+def _read_history(run_dir: Path) -> list[dict]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(glob.glob(str(run_dir / "run-*.wandb"))[0]).read_bytes()
@@ -95,7 +109,7 @@ def test_wandb_keys_grids_and_identical_training(tmp_path, reference_run, monkey
     assert rec.states == reference_run.states
 
     run_dir = Path(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))[0])
-    logged = [r for r in _wandb_history(run_dir) if "val/mixed/clip_i" in r]
+    logged = [r for r in _wandb_history(run_dir, "val/mixed/clip_i") if "val/mixed/clip_i" in r]
     assert [r["trainer/global_step"] for r in logged] == [3]
     expected = {f"val/{s}/{m}" for s in ("concept", "mixed") for m in ("clip_i", "clip_t", "dino")}
     assert expected <= set(logged[-1])
