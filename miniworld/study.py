@@ -216,7 +216,9 @@ def findings(summary: list[dict], table: list[dict] | None = None, hifi_ablation
         out.append({"claim": claim, "figures": figures, "holds": holds, "verdict": _verdict(holds)})
 
     if "concept" in by and "superclass" in by:
-        c, s = by["concept"][0], by["superclass"][0]
+        # the paper's ω = 7 (the first concept setting when the sweep has no ω = 7)
+        c = next((r for r in by["concept"] if json.loads(r["settings"]).get("guidance", 7.0) == 7.0), by["concept"][0])
+        s = next((r for r in by["superclass"] if json.loads(r["settings"]).get("guidance", 7.0) == 7.0), by["superclass"][0])
         add("concept sampling has higher CLIP-I and lower CLIP-T than superclass sampling",
             f"concept CLIP-I {c['clip_i']:.3f} / CLIP-T {c['clip_t']:.3f}; "
             f"superclass CLIP-I {s['clip_i']:.3f} / CLIP-T {s['clip_t']:.3f}",
@@ -239,18 +241,28 @@ def findings(summary: list[dict], table: list[dict] | None = None, hifi_ablation
                 f"{sum(below)}/{len(sw)} switching points lie on or below the mixed front "
                 "(a mixed setting with at least their prompt fidelity and at least their concept fidelity)",
                 sum(below) >= 0.5 * len(sw))
-    masked = sorted(by.get("masked", []), key=lambda r: json.loads(r["settings"]).get("q", 0))
-    qs = sorted({json.loads(r["settings"]).get("q") for r in masked} - {None})
-    if len(qs) >= 3:
+    groups: dict[str, list[dict]] = {}  # masked settings by everything but q, each sorted by q
+    for r in by.get("masked", []):
+        st = json.loads(r["settings"])
+        if "q" in st:
+            groups.setdefault(json.dumps({k: v for k, v in st.items() if k != "q"}, sort_keys=True), []).append(r)
+    groups = {k: sorted(v, key=lambda r: json.loads(r["settings"])["q"]) for k, v in groups.items() if len(v) >= 3}
+    if groups:
         def turns(vals):  # direction changes of a sequence
             d = [b - a for a, b in zip(vals, vals[1:]) if b != a]
             return sum(1 for a, b in zip(d, d[1:]) if (a > 0) != (b > 0))
 
         keys = ("clip_i", "clip_t", "identity", "prompt") if judged else ("clip_i", "clip_t")
-        series = {k: [_num(r, k) for r in masked] for k in keys}
-        text = "; ".join(f"{k} over q={qs}: " + ", ".join(_f({k: v}, k) for v in vals) for k, vals in series.items())
+        texts, unstable = [], []
+        for rows_q in groups.values():
+            qs = [json.loads(r["settings"])["q"] for r in rows_q]
+            rest = rows_q[0]["setting"].split(",q=")[0]
+            series = {k: [_num(r, k) for r in rows_q] for k in keys}
+            texts.append(f"{rest}, q={qs}: " + "; ".join(f"{k} " + ", ".join(_f({k: v}, k) for v in vals)
+                                                     for k, vals in series.items()))
+            unstable.append(any(turns(v) > 0 for v in series.values()))
         add("masked sampling is unstable across q (its metrics do not move monotonically with the mask quantile)",
-            text, any(turns(v) > 0 for v in series.values()))
+            " | ".join(texts), any(unstable))
     if "profusion" in by and "mixed" in by:
         pf = max(by["profusion"], key=lambda r: r["clip_i"])
         mx = min(by["mixed"], key=lambda r: abs(json.loads(r["settings"]).get("guidance_superclass", 0) - 3.5))
@@ -324,7 +336,12 @@ def run_study(cfg: dict, out: Path, log=print, workers: int | None = None) -> di
             for method in methods:  # merged as methods finish, in config order
                 by_method[method] = jobs[method].get()
                 result = write_outputs(out, [r for m in methods if m in by_method for r in by_method[m]], methods, cfg)
-    log(f"[study] {result['rows']} rows, {len(methods)} method(s) on {workers} worker(s) in {time.time() - t0:.0f} s")
+    import resource
+
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    log(f"[study] {result['rows']} rows, {len(methods)} method(s) on {workers} worker(s) in {time.time() - t0:.0f} s "
+        f"wall, {cpu:.0f} s CPU")
     for f in result["findings"]:
         log(f"[study] {f['verdict'].upper()}: {f['claim']} — {f['figures']}")
     return result

@@ -51,7 +51,7 @@ def test_study_runs_and_resumes(tmp_path):
             assert (out / "artifacts" / m / c / "personalize.json").exists()
     stamp = (out / "artifacts" / "textual_inversion" / "green_dotted_cube" / "personalize.json").stat().st_mtime_ns
     logs.clear()
-    run_study(dict(TINY), out, log=logs.append)  # resume: nothing retrained, no cell recomputed
+    run_study(dict(TINY), out, log=logs.append, workers=2)  # resume in 2 processes: nothing retrained or recomputed
     assert (out / "artifacts" / "textual_inversion" / "green_dotted_cube" / "personalize.json").stat().st_mtime_ns == stamp
     with (out / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
