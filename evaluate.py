@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--no-share", action="store_true",
                    help="sample each setting on its own instead of all settings of a subject together "
                         "(shared trajectory prefixes, packed UNet batches; same images to float rounding)")
+    w.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="torch.compile the UNet (static shapes): MODE default, reduce-overhead, max-autotune, "
+                        "max-autotune-no-cudagraphs [off]")
+    w.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help=f"model dtype for sampling [{d.dtype}]")
     w.add_argument("--unet-batch", type=int, help=f"rows per UNet call when settings are shared (32-64 on a GPU) [{d.unet_batch}]")
     e = p.add_argument_group("metrics")
     e.add_argument("--clip", help=f"CLIP hub id or folder ('tiny': tiny random backbone) [{d.clip}]")
@@ -99,7 +103,7 @@ def build_config(args: argparse.Namespace):
         clip=args.clip, dino=args.dino, clip_backend=args.clip_backend, clip_t_text=args.clip_t_text,
         judge=args.judge, output=args.output, device=args.device, devices=args.devices, accelerator=args.accelerator,
         num_nodes=args.num_nodes, wandb_project=args.wandb_project, wandb_name=args.wandb_name,
-        unet_batch=args.unet_batch,
+        unet_batch=args.unet_batch, compile=args.compile, dtype=args.dtype,
     )
     if args.no_share:
         cfg.share = False

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--placeholder", default="sks", help="identifier word of the base model's concept phrase")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     model.add_argument("--dtype", default="float32", choices=DTYPES)
+    model.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                       help="torch.compile the UNet (static shapes; the first batch compiles): MODE default, "
+                            "reduce-overhead, max-autotune, max-autotune-no-cudagraphs [off]")
     sampler = parser.add_argument_group("sampler")
     sampler.add_argument("--sampler", help="sampler name (see below)")
     sampler.add_argument("--sampler-config", help="sampler YAML, e.g. configs/samplers/mixed.yaml")
@@ -172,6 +175,10 @@ def load_model(args):
     else:
         for module in model.components.modules().values():
             module.to(**move)
+    if args.compile:
+        from components.compile import compile_unet
+
+        compile_unet(model.components.unet, args.compile)
     return model
 
 

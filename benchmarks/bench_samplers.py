@@ -8,6 +8,12 @@ The time ratio should track the ratio of UNet evaluations (mixed 1.5x concept, P
 beyond the UNet work. A second, instrumented pass splits each sampler's time into the
 UNet, the text encoder, the VAE decoder and the rest (the loop itself).
 
+``--compile [MODE]`` instead compares one sampler (``--samplers``, default concept)
+compiled (``components.compile``, static shapes) against eager: images/s of both, with the
+compilation done in a warm-up outside the timed region and the repeats interleaved (min
+and median). ``--device cuda`` adds the MFU (achieved UNet FLOP/s from counted FLOPs over
+the device's peak, benchmarks/flops.py) to every timing.
+
 ``--model`` takes ``tiny``, ``sd2-base-random`` (Stable Diffusion 2 base sized components
 with random weights: 865M-parameter UNet at 64x64 latents, nothing to download) or any
 model folder / hub id the loader reads.
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.loader import DiffusionComponents, load_components  # noqa: E402
 from components.personalized import BaseModel  # noqa: E402
 from samplers import SAMPLERS, build_sampler  # noqa: E402
+from benchmarks.flops import mfu_line, unet_flops_per_row  # noqa: E402
 
 TEMPLATES = ["a {} on the beach", "a {} in the snow", "a red {}", "a {} with a city in the background"]
 
@@ -112,6 +119,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per sampler (the fastest is reported: least disturbed by other load)")
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="compare compiled (torch.compile MODE) with eager for the first of --samplers")
+    parser.add_argument("--superclass", default="dog", help="class word of the prompts")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU line, if not known")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,7 +133,10 @@ def main(argv=None):
         components = load_components(args.model, torch_dtype=None if dtype == torch.float32 else dtype)
         for module in components.modules().values():
             module.to(device)
-    model = BaseModel(components, superclass="dog")
+    model = BaseModel(components, superclass=args.superclass)
+    flops_row = unet_flops_per_row(components.unet, components.tokenizer.model_max_length)
+    if args.compile:
+        return compare_compiled(args, model, device, dtype, flops_row)
     templates = (TEMPLATES * args.images)[: max(1, min(len(TEMPLATES), args.images))]
     per_template = -(-args.images // len(templates))
     names = ["concept"] + [n for n in args.samplers if n != "concept"]
@@ -147,6 +161,8 @@ def main(argv=None):
         watch.remove()
         share = {k: v / total for k, v in watch.total.items()}
         rows.append((name, out.cost, seconds, share))
+        if device.type == "cuda":
+            print(f"{name}: {mfu_line(flops_row * out.cost['unet_evals_per_image'], seconds, device, dtype, args.peak_tflops)}")
 
     base_evals, base_time = rows[0][1]["unet_evals_per_image"], rows[0][2]
     print(f"{'sampler':<11} {'UNet evals/img':>14} {'eval ratio':>10} {'max batch':>9} {'ms/img':>9} "
@@ -156,6 +172,53 @@ def main(argv=None):
         print(f"{name:<11} {cost['unet_evals_per_image']:>14.0f} {cost['unet_evals_per_image'] / base_evals:>10.2f} "
               f"{cost['max_unet_batch']:>9d} {seconds * 1e3:>9.1f} {seconds / base_time:>10.2f} "
               f"{share['unet']:>6.0%} {share['text']:>6.0%} {share['vae']:>6.0%} {loop:>6.0%}")
+
+
+def compare_compiled(args, model, device, dtype, flops_row) -> dict:
+    """images/s of one sampler, eager and compiled, repeats interleaved."""
+    import statistics
+
+    from components.compile import compile_unet
+
+    name = args.samplers[0] if args.samplers != list(SAMPLERS) else "concept"
+    sampler = build_sampler(name, **study_settings(name, args.steps))
+    templates = (TEMPLATES * args.images)[: max(1, min(len(TEMPLATES), args.images))]
+    per_template = -(-args.images // len(templates))
+    unet = model.components.unet
+
+    def run():
+        return sampler.sample(model, templates, num_images=per_template, seed=0, batch_size=args.batch_size)
+
+    reference = run()  # eager warm-up
+    t0 = time.perf_counter()
+    compile_unet(unet, args.compile)
+    compiled_out = run()  # compiles every shape once, outside the timed region
+    compile_s = time.perf_counter() - t0
+    compiled_call = unet._compiled_call_impl
+    diff = float((compiled_out.images - reference.images).abs().max())
+    n = reference.images.shape[0]
+    times = {"eager": [], "compiled": []}
+    for _ in range(args.repeats):
+        for mode, impl in (("eager", None), ("compiled", compiled_call)):
+            unet._compiled_call_impl = impl
+            times[mode].append(timed(run, device))
+    unet._compiled_call_impl = compiled_call
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    print(f"# {name}, {n} images, batch {args.batch_size}, {args.steps} steps, {args.model} on {device} ({args.dtype}), "
+          f"{clock}, compile={args.compile!r}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"compile + first run: {compile_s:.1f} s wall; largest image difference compiled vs eager {diff:.2e}")
+    rows = reference.cost["unet_evals_per_image"] * n
+    for mode in ("eager", "compiled"):
+        best, med = min(times[mode]), statistics.median(times[mode])
+        line = f"{mode:<9} images/s min-time {n / best:8.2f}  median-time {n / med:8.2f}  ({args.repeats} repeats)"
+        if device.type == "cuda":
+            line += "  " + mfu_line(flops_row * rows, best, device, dtype, args.peak_tflops)
+        print(line)
+    ratio_best = min(times["eager"]) / min(times["compiled"])
+    ratio_med = statistics.median(times["eager"]) / statistics.median(times["compiled"])
+    print(f"compiled / eager images/s: {ratio_best:.2f}x (min), {ratio_med:.2f}x (median)")
+    return {"ratio_min": ratio_best, "ratio_median": ratio_med, "diff": diff}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ Per method, three runs, each in a fresh process (so peak memory is that run's al
 - ``lightning+cache``: the same with the default caching of VAE latents (and of prompt
   embeddings while the text side is frozen).
 
+``--device cuda`` also prints the MFU of each run: 3 × the UNet's counted forward FLOPs
+per image (forward + backward) × batch × steps/s over the device's peak for the
+precision (benchmarks/flops.py).
+
 Figures: steps/s = 1 / the median step time of ``--steps`` steps after ``--warmup``
 steps (the median ignores steps slowed by other load), and peak memory: the
 CUDA allocator's peak on GPU, the process's peak RSS on CPU (the whole process: Python,
@@ -189,8 +193,12 @@ def worker(args) -> dict:
     dm = data(resolution, args.batch_size)
     run = run_plain if args.mode == "plain" else run_lightning
     times = run(module, dm, device, args.precision, args.warmup, args.steps)
+    from benchmarks.flops import unet_flops_per_row
+
+    # forward + backward through the UNet: 3x the forward FLOPs, per image of the batch
+    flops = 3 * unet_flops_per_row(module.components.unet, module.components.tokenizer.model_max_length) * args.batch_size
     return {"method": args.method, "mode": args.mode, "steps_per_s": 1.0 / statistics.median(times),
-            "peak_mib": peak_mib(device), "trainable": module.num_trainable_parameters()}
+            "peak_mib": peak_mib(device), "trainable": module.num_trainable_parameters(), "flops_per_step": flops}
 
 
 # --------------------------------------------------------------------------- table
@@ -223,6 +231,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     parser.add_argument("--output", default=None, help="also write the table to this Markdown file")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU line, if not known")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -249,7 +258,13 @@ def main(argv=None):
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{method:<18} {mode:<16} {r['steps_per_s']:8.2f} steps/s  {r['peak_mib']:8.0f} MiB peak", flush=True)
+            line = f"{method:<18} {mode:<16} {r['steps_per_s']:8.2f} steps/s  {r['peak_mib']:8.0f} MiB peak"
+            if args.device.startswith("cuda"):
+                from benchmarks.flops import mfu_line
+
+                line += "  " + mfu_line(r["flops_per_step"], 1.0 / r["steps_per_s"], torch.device(args.device),
+                                        PRECISIONS[args.precision], args.peak_tflops)
+            print(line, flush=True)
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         platform.processor() or platform.machine())
     clock = "wall time" if args.device.startswith("cuda") else f"process CPU time, {threads} thread(s)"

@@ -41,6 +41,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.image_grid import log_grid, make_grid, to_uint8
+from components.compile import compiled_unet
 from metrics import DEFAULT_CLIP, DEFAULT_DINO, ConceptMetrics, ReferenceCache, load_clip_backbone, load_dino_backbone
 
 
@@ -97,6 +98,9 @@ class SamplerValidation(L.Callback):
             ground-truth ``identity`` and ``prompt`` accuracy (MiniWorld concepts only:
             the concept folder's ``concept.json`` gives the object).
         print_values: print each run's figures (rank 0), e.g. for a quickstart's console.
+        compile: ``torch.compile`` the UNet while sampling (``components.compile``: true,
+            a mode, or torch.compile keywords); training stays as it is. Static
+            shapes: the last batch is padded, so each validation reuses the compiled graphs.
     """
 
     def __init__(
@@ -118,7 +122,12 @@ class SamplerValidation(L.Callback):
         run_on_validate: bool = True,
         judge: str | None = None,
         print_values: bool = False,
+        compile: bool | str | dict = False,
     ):
+        from components.compile import compile_options
+
+        compile_options(compile)  # a bad value fails now
+        self.compile, self._compiled = compile, {}
         self.entries = _build_entries(list(samplers))
         if prompts is not None and any("{}" not in p for p in prompts):
             raise ValueError(f"Validation prompts need a '{{}}' slot for the subject: {[p for p in prompts if '{}' not in p][:3]}.")
@@ -249,7 +258,8 @@ class SamplerValidation(L.Callback):
             metrics.set_concept(reference, superclass, truth=truth)  # embeddings cached after the first time
             if not mine:
                 continue
-            out = e.sampler.sample_cells(pl_module, [cells[k] for k in mine], seed=self.seed, batch_size=self.batch_size)
+            with compiled_unet(pl_module.components.unet, self.compile, self._compiled):
+                out = e.sampler.sample_cells(pl_module, [cells[k] for k in mine], seed=self.seed, batch_size=self.batch_size)
             metrics.update(out.images, out.templates)
             local["images"][e.name] = to_uint8(out.images)  # (n, H, W, 3)
             local["cost"][e.name] = out.cost

@@ -217,3 +217,14 @@ def tiny_preset_folder(prediction_type: str = "epsilon", seed: int = 0) -> Path:
 
             shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
     return folder
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A floating dtype from its name (``float32``, ``bf16``, ...) or itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+    value = getattr(torch, names.get(str(dtype), str(dtype)), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r}: choose float32, bfloat16 or float16.")
+    return value

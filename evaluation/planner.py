@@ -186,7 +186,7 @@ class SweepPlanner:
     """Samples many (sampler, cells) jobs together, sharing and packing UNet work.
 
     ``unet_batch``: rows per UNet call (32-64 fill a GPU; the last call of a round is
-    padded to it when ``pad`` is set, so a compiled UNet sees one shape).
+    padded to it when ``pad`` is set or the UNet is compiled, so it sees one shape).
     """
 
     unet_batch: int = 32
@@ -198,6 +198,7 @@ class SweepPlanner:
             raise ValueError(f"unet_batch={self.unet_batch} must be >= 1 (rows per UNet call)")
         self._nodes: dict = {}
         self.embedding_cache: dict = {}
+        self._pad = self.pad
 
     def node(self, key) -> int:
         """The id of a trajectory state (None: a fresh state nobody shares)."""
@@ -224,7 +225,10 @@ class SweepPlanner:
                 fill(template, "x")
             for start in range(0, len(cells), batch_size):
                 workers.append((j, _Worker(self._loop(model, sampler, cells[start : start + batch_size], seed))))
+        from components.compile import is_compiled
+
         unet = model.components.unet
+        self._pad = self.pad or is_compiled(unet)  # a compiled UNet sees one shape
         original = dict(unet.attn_processors)
         segments = self._segments = _Segments()
         unet.set_attn_processor({name: SegmentedProcessor(p, segments) for name, p in original.items()})
@@ -343,7 +347,7 @@ class SweepPlanner:
         n = x.shape[0]
         self.stats.rows += n
         self.stats.calls += 1
-        if self.pad and n < self.unet_batch:  # one static shape for a compiled UNet
+        if self._pad and n < self.unet_batch:  # one static shape for a compiled UNet
             pad = self.unet_batch - n
             if self._segments.segments:
                 self._segments.segments = self._segments.segments + [(n, n + pad, None)]

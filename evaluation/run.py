@@ -51,7 +51,8 @@ class EvalConfig:
     Work: ``share`` samples all pending settings of a subject together through
     :class:`evaluation.planner.SweepPlanner` (shared trajectory prefixes, UNet calls of
     ``unet_batch`` rows); off, each setting samples on its own in batches of
-    ``batch_size`` images.
+    ``batch_size`` images. ``compile``: torch.compile the UNet (``components.compile``);
+    ``dtype``: the model's dtype for sampling (``bfloat16`` on a GPU; metrics stay fp32).
     """
 
     model: str | None = None
@@ -83,6 +84,8 @@ class EvalConfig:
     log_grids: bool = False
     share: bool = True
     unet_batch: int = 32
+    compile: bool | str | dict = False
+    dtype: str = "float32"
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **overrides) -> "EvalConfig":
@@ -151,7 +154,11 @@ class ModelSource:
     def __init__(self, cfg: EvalConfig, device: torch.device):
         if cfg.model is None and not cfg.artifact:
             raise ValueError("Nothing to evaluate: set model (hub id, folder, 'tiny') and/or artifact (a trained artifact folder).")
-        self.cfg, self.device = cfg, device
+        from components.compile import compile_options
+        from components.loader import as_dtype
+
+        compile_options(cfg.compile)  # bad values fail before any model loads
+        self.cfg, self.device, self.dtype = cfg, device, as_dtype(cfg.dtype)
         self._components = None
         self._current: tuple[str, object] | None = None
 
@@ -162,15 +169,19 @@ class ModelSource:
         if self.cfg.artifact:
             from lightning_modules import load_personalized
 
-            model = load_personalized(self.cfg.model, artifact=self.cfg.artifact.format(subject=subject.name))
+            model = load_personalized(self.cfg.model, artifact=self.cfg.artifact.format(subject=subject.name),
+                                      dtype=self.dtype)
             model = model.to(self.device) if isinstance(model, torch.nn.Module) else model
         else:
             from components.loader import load_components
             from components.personalized import BaseModel
 
             if self._components is None:
-                self._components = load_components(self.cfg.model).to(self.device)
+                self._components = load_components(self.cfg.model).to(self.device, dtype=self.dtype)
             model = BaseModel(self._components, superclass=subject.superclass)
+        from components.compile import compile_unet
+
+        compile_unet(model.components.unet, self.cfg.compile)
         self._current = (subject.name, model)
         return model
 

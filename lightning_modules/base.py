@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from components.loader import DiffusionComponents, load_components
+from components.loader import DiffusionComponents, as_dtype, load_components
 from components.personalized import encode_text, fill, tokenize
 
 ARTIFACT_MANIFEST = "personalize.json"
@@ -80,6 +80,9 @@ class PersonalizationModule(L.LightningModule):
             mixed precision compute).
         gradient_checkpointing: trade compute for memory in the UNet (and the text
             encoder when it trains).
+        compile: ``torch.compile`` the UNet (``components.compile``: true, a mode such
+            as ``max-autotune``, or torch.compile keywords); static shapes, so keep the
+            batch size fixed (``drop_last``) to compile once.
         seed: seed of the noise and timesteps; step ``k`` always draws the same ones,
             so a resumed run continues exactly.
     """
@@ -104,10 +107,14 @@ class PersonalizationModule(L.LightningModule):
         frozen_dtype: str = "fp32",
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        compile: bool | str | dict = False,
     ):
         super().__init__()
         # records this method's arguments too (Lightning collects every __init__ of the chain)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        from components.compile import compile_options
+
+        compile_options(compile)  # a bad value fails now, not at the first step
         if frozen_dtype not in _DTYPES:
             raise ValueError(f"frozen_dtype={frozen_dtype!r}: choose one of {sorted(_DTYPES)}.")
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -136,6 +143,10 @@ class PersonalizationModule(L.LightningModule):
             self.unet.enable_gradient_checkpointing()
             if self.text_trainable:
                 self.text_encoder.gradient_checkpointing_enable()
+        if self.hparams.get("compile"):
+            from components.compile import compile_unet
+
+            compile_unet(self.unet, self.hparams.compile)
 
     @property
     def is_configured(self) -> bool:
@@ -396,8 +407,12 @@ def read_artifact_manifest(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def load_personalized(base_source: str | None = None, artifact: str | os.PathLike | None = None, **overrides):
+def load_personalized(base_source: str | None = None, artifact: str | os.PathLike | None = None,
+                      dtype: str | torch.dtype | None = None, **overrides):
     """A :class:`~components.personalized.PersonalizedModel` for sampling and evaluation.
+
+    ``dtype`` (``"bfloat16"``, ``torch.float16``, ...): the whole model, trained parts
+    included, in that dtype for inference (default: as loaded, fp32).
 
     ``artifact``: a folder written by any method's ``save_artifact``; its manifest names
     the method class, which is rebuilt on ``base_source`` (default: the base model the
@@ -410,7 +425,8 @@ def load_personalized(base_source: str | None = None, artifact: str | os.PathLik
         if base_source is None:
             raise ValueError("Give a base model (hub id, folder, 'tiny') or an artifact folder.")
         kw = {k: v for k, v in overrides.items() if k in ("superclass", "placeholder")}
-        return BaseModel(load_components(base_source), **kw)
+        components = load_components(base_source)
+        return BaseModel(components.to(dtype=as_dtype(dtype)) if dtype is not None else components, **kw)
     manifest = read_artifact_manifest(artifact)
     module_name, _, cls_name = manifest["method"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
@@ -421,4 +437,7 @@ def load_personalized(base_source: str | None = None, artifact: str | os.PathLik
     model = cls(**kwargs)
     model.configure_model()
     model.load_artifact(artifact)
+    if dtype is not None:
+        model.to(dtype=as_dtype(dtype))
     return model.eval()
+

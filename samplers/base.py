@@ -301,13 +301,20 @@ class Sampler:
             raise ValueError(f"batch_size={batch_size} must be >= 1 (images per UNet batch)")
         for template, _ in cells:
             fill(template, "x")  # fails early, naming the template, if it has no {} slot
+        from components.compile import is_compiled
+
+        static = is_compiled(model.components.unet)  # a compiled UNet: one batch shape, the last batch padded
         images, rows, max_branches = [], 0, 0
         with tqdm(total=len(cells) * self.num_steps, disable=not progress, desc=self.name, unit="img·step") as bar:
             for start in range(0, len(cells), batch_size):
-                run = Run(model, cells[start : start + batch_size], seed, self.num_steps)
-                z = self.run_loop(run, on_step=bar.update)
-                images.append(decode(run.components.vae, z).float().cpu())
-                rows, max_branches = rows + run.unet_rows, max(max_branches, run.max_branches)
+                chunk = list(cells[start : start + batch_size])
+                real = len(chunk)
+                if static and real < batch_size:
+                    chunk += [chunk[-1]] * (batch_size - real)  # copies of a cell: rows independent, dropped below
+                run = Run(model, chunk, seed, self.num_steps)
+                z = self.run_loop(run, on_step=lambda n: bar.update(min(n, real)))
+                images.append(decode(run.components.vae, z[:real]).float().cpu())
+                rows, max_branches = rows + run.unet_rows * real // run.batch, max(max_branches, run.max_branches)
         cost = {"unet_evals_per_image": rows / max(len(cells), 1), "max_unet_batch": max_branches}
         return SampleOutput(
             torch.cat(images) if images else torch.empty(0, 3, 0, 0),
