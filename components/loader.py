@@ -1,10 +1,13 @@
-"""One loader for the five components of a Stable-Diffusion-family model.
+"""One loader for the components of a diffusion model, whatever its family.
 
-``load_components(source)`` takes a diffusers pipeline folder, a hub id (SD 1.x / 2.x,
-epsilon or v-prediction: read from the scheduler config), or ``"tiny"`` / ``"tiny-v"``:
-the tiny preset, built offline from configs, written once as a standard diffusers
-pipeline folder in a cache directory and then loaded from there like any real model.
-So the code that loads ``stabilityai/stable-diffusion-2-base`` is the code the tests run.
+``load_components(source)`` takes a diffusers pipeline folder, a hub id, or a preset
+name: ``"tiny"`` / ``"tiny-v"`` (SD layout, epsilon / v-prediction), ``"tiny-sdxl"``,
+``"tiny-pixart"``. The folder's ``model_index.json`` names its pipeline class, which picks
+the backbone (``components/backbones/``: SD 1.x/2.x, SD-XL, PixArt-α); the backbone loads
+the components. A preset is built offline from configs with random weights, written once
+as a standard diffusers pipeline folder in a cache directory and then loaded from there
+like any real model, so the code that loads ``stabilityai/stable-diffusion-xl-base-1.0``
+is the code the tests run.
 """
 
 from __future__ import annotations
@@ -14,27 +17,51 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 
-from components.tokenizer import build_tiny_tokenizer
+from components.backbones import BACKBONES, Backbone, backbone_for_pipeline
 
-TINY_PRESETS = ("tiny", "tiny-v")
+#: preset name -> (backbone name, prediction type)
+PRESETS = {
+    "tiny": ("sd", "epsilon"),
+    "tiny-v": ("sd", "v_prediction"),
+    "tiny-sdxl": ("sdxl", "epsilon"),
+    "tiny-pixart": ("pixart-alpha", "epsilon"),
+}
+TINY_PRESETS = tuple(PRESETS)
 CACHE_ENV = "PERSONALIZE_CACHE"
 
 
 @dataclass
 class DiffusionComponents:
-    """Tokenizer, text encoder, UNet, VAE and training noise scheduler of one model."""
+    """Tokenizer(s), text encoder(s), denoiser, VAE and training noise scheduler of one model.
 
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
+    ``unet`` holds the denoiser whatever its kind (a ``UNet2DConditionModel``, or
+    PixArt-α's ``PixArtTransformer2DModel``; also reachable as ``denoiser``);
+    ``tokenizer_2`` / ``text_encoder_2`` are SD-XL's second CLIP encoder (None
+    elsewhere). ``backbone`` knows how they fit together (components.backbones).
+    """
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
     vae: AutoencoderKL
     scheduler: DDPMScheduler
     source: str = field(default="")
+    tokenizer_2: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    backbone: Backbone | None = None
+
+    def __post_init__(self):
+        if self.backbone is None:
+            self.backbone = BACKBONES["sd"]()
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
 
     @property
     def prediction_type(self) -> str:
@@ -46,40 +73,45 @@ class DiffusionComponents:
 
     @property
     def resolution(self) -> int:
-        """The image size the UNet was built for (``sample_size`` × VAE factor)."""
+        """The image size the denoiser was built for (``sample_size`` × VAE factor)."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     def ddim_scheduler(self) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.scheduler.config)
 
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """``{"text_encoder": ..., "text_encoder_2": ...}``: the text encoders present."""
+        return {n: getattr(self, n) for n in ("text_encoder", "text_encoder_2") if getattr(self, n) is not None}
+
+    def tokenizers(self) -> list:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+        return {**self.text_encoders(), "unet": self.unet, "vae": self.vae}
 
     def to(self, device=None, dtype=None) -> "DiffusionComponents":
         for m in self.modules().values():
             m.to(device=device, dtype=dtype)
         return self
 
-    def pipeline(self, **kwargs):
-        """A diffusers ``StableDiffusionPipeline`` sharing these modules."""
-        from diffusers import StableDiffusionPipeline
+    def encode(self, prompts) -> Any:
+        """The denoiser's conditioning for fully written prompts (see Backbone.encode)."""
+        return self.backbone.encode(self, prompts)
 
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=kwargs.pop("scheduler", self.ddim_scheduler()),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **kwargs,
-        )
+    def predict(self, latents: torch.Tensor, timesteps, cond) -> torch.Tensor:
+        """The denoiser's prediction for latents under a conditioning (see Backbone.predict)."""
+        return self.backbone.predict(self, latents, timesteps, cond)
+
+    def pipeline(self, scheduler=None):
+        """The family's diffusers pipeline (``StableDiffusionPipeline``,
+        ``StableDiffusionXLPipeline``, ``PixArtAlphaPipeline``) sharing these modules
+        (a DDIM scheduler from the model's config unless one is given)."""
+        return self.backbone.pipeline(self, scheduler or self.ddim_scheduler())
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write a standard diffusers pipeline folder (``model_index.json`` and one
-        subfolder per component) that ``StableDiffusionPipeline.from_pretrained`` and
-        :func:`load_components` both read."""
+        subfolder per component) that the family's pipeline and :func:`load_components`
+        both read."""
         folder = Path(folder)
         self.pipeline(scheduler=self.scheduler).save_pretrained(folder, safe_serialization=True)
         return folder
@@ -91,11 +123,11 @@ def load_components(
     variant: str | None = None,
     torch_dtype: torch.dtype | None = None,
 ) -> DiffusionComponents:
-    """Load the components from a pipeline folder, a hub id, or a tiny preset name."""
+    """Load the components from a pipeline folder, a hub id, or a preset name."""
     source = str(source)
-    if source in TINY_PRESETS:
-        folder = tiny_preset_folder(prediction_type="v_prediction" if source == "tiny-v" else "epsilon")
-        return load_components(folder, torch_dtype=torch_dtype)
+    if source in PRESETS:
+        backbone, prediction_type = PRESETS[source]
+        return load_components(preset_folder(backbone, prediction_type), torch_dtype=torch_dtype)
     if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise FileNotFoundError(
             f"Model folder {source!r} does not exist. Pass a diffusers pipeline folder "
@@ -108,41 +140,24 @@ def load_components(
             "Save a model with StableDiffusionPipeline.save_pretrained(folder) or "
             "DiffusionComponents.save_pretrained(folder)."
         )
-    kw = dict(revision=revision)
-    model_kw = dict(kw, variant=variant, torch_dtype=torch_dtype) if torch_dtype else dict(kw, variant=variant)
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **model_kw)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **model_kw)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **model_kw)
-    # Training uses the DDPM forward process; samplers build DDIM from the same config.
-    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
-    return DiffusionComponents(tokenizer, text_encoder, unet, vae, scheduler, source=source)
+    index = read_model_index(source, revision)
+    backbone = backbone_for_pipeline(index.get("_class_name", "")).from_model_index(index)
+    return backbone.load(source, revision=revision, variant=variant, torch_dtype=torch_dtype)
 
 
-# --------------------------------------------------------------------------- tiny preset
+def read_model_index(source: str, revision: str | None = None) -> dict:
+    """``model_index.json`` of a pipeline folder or hub id."""
+    if Path(source).is_dir():
+        return json.loads((Path(source) / "model_index.json").read_text())
+    from diffusers import DiffusionPipeline
 
-#: Configs of the tiny preset: 32 px images, 8x8x4 latents, a 2-layer 32-wide text encoder.
-TINY_CONFIG = {
-    "text_encoder": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
-    ),
-    "unet": dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=8,
-    ),
-    "vae": dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32, 32), sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    ),
-    "scheduler": dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, steps_offset=1, timestep_spacing="leading",
-    ),
-}
+    return dict(DiffusionPipeline.load_config(source, revision=revision))
+
+
+# --------------------------------------------------------------------------- presets
+
+#: Configs of the tiny SD preset: 32 px images, 8x8x4 latents, a 2-layer 32-wide text encoder.
+TINY_CONFIG = BACKBONES["sd"].tiny_config
 
 
 #: Stable Diffusion 2 base sized architecture (random weights: benchmarks at real size).
@@ -167,28 +182,17 @@ SD2_BASE_CONFIG = {
 
 
 def build_components(config: dict, prediction_type: str = "epsilon", seed: int = 0, vocab_size: int | None = None,
-                     source: str = "") -> DiffusionComponents:
+                     source: str = "", backbone: str = "sd") -> DiffusionComponents:
     """Build components from a config like :data:`TINY_CONFIG` with seeded random weights
-    (the tiny tokenizer; ``vocab_size`` can make the embedding table larger than it)."""
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(seed)
-    text_cfg = CLIPTextConfig(
-        vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config["text_encoder"],
-    )
-    text_encoder = CLIPTextModel(text_cfg)
-    unet = UNet2DConditionModel(**config["unet"])
-    vae = AutoencoderKL(**config["vae"])
-    scheduler = DDPMScheduler(prediction_type=prediction_type, **config["scheduler"])
-    scheduler.register_to_config(set_alpha_to_one=False)  # read by DDIM, as in SD's own config
-    for m in (text_encoder, unet, vae):
-        m.eval()
-    return DiffusionComponents(tokenizer, text_encoder, unet, vae, scheduler, source=source)
+    (the tiny tokenizer; ``vocab_size`` can make an SD text encoder's embedding table larger)."""
+    kw = {"vocab_size": vocab_size} if vocab_size else {}
+    return BACKBONES[backbone]().build(config, prediction_type, seed, source=source, **kw)
 
 
-def build_tiny_components(prediction_type: str = "epsilon", seed: int = 0) -> DiffusionComponents:
-    """Build the tiny preset in memory with seeded random weights."""
-    return build_components(TINY_CONFIG, prediction_type, seed, source="tiny")
+def build_tiny_components(prediction_type: str = "epsilon", seed: int = 0, backbone: str = "sd") -> DiffusionComponents:
+    """Build a tiny preset in memory with seeded random weights."""
+    cls = BACKBONES[backbone]
+    return cls().build(cls.tiny_config, prediction_type, seed, source="tiny" if backbone == "sd" else f"tiny-{backbone}")
 
 
 def cache_dir() -> Path:
@@ -196,20 +200,26 @@ def cache_dir() -> Path:
 
 
 def tiny_preset_folder(prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """The tiny preset as a diffusers pipeline folder, written once and reused.
+    """The tiny SD preset as a diffusers pipeline folder, written once and reused."""
+    return preset_folder("sd", prediction_type, seed)
+
+
+def preset_folder(backbone: str = "sd", prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A tiny preset as a diffusers pipeline folder, written once and reused.
 
     The folder name hashes the configs and the word list, so a change to either writes a
     new folder instead of reading a stale one.
     """
     from components.tokenizer import WORDS_FILE
 
-    key = json.dumps([TINY_CONFIG, prediction_type, seed, WORDS_FILE.read_text()], sort_keys=True, default=str)
+    config = BACKBONES[backbone].tiny_config
+    key = json.dumps([config, prediction_type, seed, WORDS_FILE.read_text()], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    folder = cache_dir() / f"tiny-sd-{prediction_type}-{digest}"
+    folder = cache_dir() / f"tiny-{backbone}-{prediction_type}-{digest}"
     if not (folder / "model_index.json").exists():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
-            build_tiny_components(prediction_type, seed).save_pretrained(tmp)
+            build_tiny_components(prediction_type, seed, backbone).save_pretrained(tmp)
         try:
             tmp.rename(folder)  # atomic: concurrent builders never see a half-written folder
         except OSError:

@@ -1,7 +1,7 @@
 """The one interface through which samplers, callbacks and evaluation reach a model.
 
 A *personalized model* is the base components plus "encode these prompts, at this
-timestep". Prompts are templates with one ``{}`` slot for the subject:
+timestep" (the result is the backbone's conditioning, components.conditioning). Prompts are templates with one ``{}`` slot for the subject:
 ``"a {} on the beach"``. The model fills the slot with its concept phrase (``"sks dog"``
 for DreamBooth, ``"<cat-toy> toy"`` for Textual Inversion) or with the superclass word
 (``"dog"``), so samplers build both prompts without knowing the method.
@@ -19,6 +19,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from components.conditioning import Cond
 from components.loader import DiffusionComponents
 
 SLOT = "{}"
@@ -33,8 +34,10 @@ class PersonalizedModel(Protocol):
     @property
     def concept_phrase(self) -> str: ...
 
-    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
-        """(B, L, D) text-encoder hidden states for fully written prompts."""
+    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> Cond:
+        """The denoiser's conditioning for fully written prompts: (B, L, D) hidden states,
+        or a :class:`~components.conditioning.Conditioning` (hidden states + the
+        backbone's extras, e.g. SD-XL's pooled embedding)."""
         ...
 
 
@@ -87,5 +90,5 @@ class BaseModel:
         return f"{self.placeholder} {self.superclass}".strip()
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
-        return encode_text(self.components.tokenizer, self.components.text_encoder, prompts)
+    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> Cond:
+        return self.components.encode(prompts)

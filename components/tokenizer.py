@@ -84,3 +84,18 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + n)
             n += 1
     return dict(zip(keep, map(chr, chars)))
+
+
+def build_tiny_t5_tokenizer(words: list[str] | None = None, model_max_length: int = 120):
+    """A T5-format (SentencePiece Unigram) tokenizer over the same word list, for the
+    tiny PixArt-α preset: every listed word is one piece (``▁word``); other text falls
+    back to single characters. A plain :class:`transformers.T5Tokenizer`, saved and
+    loaded like PixArt-α's own (no BOS token; ``</s>`` ends every prompt)."""
+    from transformers import T5Tokenizer
+
+    words = read_words() if words is None else sorted(set(w.lower() for w in words))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in words]
+    chars = sorted({chr(c) for c in range(33, 127)})
+    vocab += [(ch, -8.0) for ch in chars] + [("▁" + ch, -7.0) for ch in chars if "▁" + ch not in dict(vocab)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from components.conditioning import Cond, cat
 from components.loader import DiffusionComponents, as_dtype, load_components
-from components.personalized import encode_text, fill, tokenize
+from components.personalized import fill, tokenize
 
 ARTIFACT_MANIFEST = "personalize.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,7 +121,7 @@ class PersonalizationModule(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.strict_loading = False  # checkpoints hold only what trains (see on_save_checkpoint)
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, Cond] = {}
 
     def configure_model(self) -> None:
         """Load the components and set up what trains (Lightning hook; idempotent, as
@@ -132,17 +133,22 @@ class PersonalizationModule(L.LightningModule):
         # precision's dtype; the strategy moves the module afterwards, as before.
         with torch.device("cpu"), _default_dtype(torch.float32):
             c = load_components(self.hparams.pretrained_model)
+            self.check_backbone(c.backbone)
+            self.backbone = c.backbone
             self.tokenizer, self.noise_scheduler = c.tokenizer, c.scheduler
-            self.text_encoder, self.unet, self.vae = c.text_encoder, c.unet, c.vae
-            for m in (self.text_encoder, self.unet, self.vae):
+            self.tokenizer_2 = c.tokenizer_2
+            self.text_encoder, self.text_encoder_2 = c.text_encoder, c.text_encoder_2
+            self.unet, self.vae = c.unet, c.vae  # unet: the denoiser (PixArt-α: its transformer)
+            for m in self.model_parts().values():
                 m.requires_grad_(False)
                 m.eval()
             self.configure_trainable()
         self._cast_frozen(_DTYPES[self.hparams.frozen_dtype])
         if self.hparams.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if self.text_trainable:
-                self.text_encoder.gradient_checkpointing_enable()
+            for encoder in self.text_encoders().values():
+                if any(p.requires_grad for p in encoder.parameters()):
+                    encoder.gradient_checkpointing_enable()
         if self.hparams.get("compile"):
             from components.compile import compile_unet
 
@@ -172,6 +178,14 @@ class PersonalizationModule(L.LightningModule):
         """Unfreeze or inject what this method trains. Everything starts frozen."""
         raise NotImplementedError
 
+    #: backbone name -> why this method does not apply to it (a clear error at construction)
+    unsupported_backbones: dict[str, str] = {}
+
+    def check_backbone(self, backbone) -> None:
+        reason = self.unsupported_backbones.get(backbone.name)
+        if reason:
+            raise ValueError(f"{type(self).__name__} does not apply to {backbone.name} models: {reason}")
+
     @property
     def concept_phrase(self) -> str:
         """The words standing for the concept in prompts (slot ``{}`` of a template)."""
@@ -179,17 +193,18 @@ class PersonalizationModule(L.LightningModule):
 
     timestep_dependent = False
 
-    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
-        """(B, L, D) conditionings of fully written prompts (PersonalizedModel)."""
-        return encode_text(self.tokenizer, self.text_encoder, prompts)
+    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> Cond:
+        """The backbone's conditionings of fully written prompts (PersonalizedModel):
+        (B, L, D) hidden states, or hidden states with extras (components.conditioning)."""
+        return self.components.encode(prompts)
 
-    def encode_training_prompts(self, prompts: Sequence[str], timesteps: torch.Tensor) -> torch.Tensor:
+    def encode_training_prompts(self, prompts: Sequence[str], timesteps: torch.Tensor) -> Cond:
         """Conditionings for a training batch; cached while the text side is frozen."""
         if self.timestep_dependent:
-            return torch.cat([self.encode_prompts([p], int(t)) for p, t in zip(prompts, timesteps)])
+            return cat([self.encode_prompts([p], int(t)) for p, t in zip(prompts, timesteps)])
         return self.encode_prompts_cached(prompts)
 
-    def encode_prompts_cached(self, prompts: Sequence[str]) -> torch.Tensor:
+    def encode_prompts_cached(self, prompts: Sequence[str]) -> Cond:
         """``encode_prompts(prompts)`` (no timestep), each distinct prompt encoded once
         while ``cache_text`` is on and nothing on the text side trains."""
         if not (self.hparams.cache_text and not self.text_trainable):
@@ -197,9 +212,10 @@ class PersonalizationModule(L.LightningModule):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             with torch.no_grad():
-                for p, e in zip(missing, self.encode_prompts(missing)):
-                    self._text_cache[p] = e
-        return torch.stack([self._text_cache[p] for p in prompts])
+                encoded = self.encode_prompts(missing)
+                for i, p in enumerate(missing):
+                    self._text_cache[p] = encoded[i : i + 1]  # (1, L, D)
+        return cat([self._text_cache[p] for p in prompts])
 
     def save_artifact_files(self, folder: Path) -> None:
         raise NotImplementedError
@@ -216,11 +232,20 @@ class PersonalizationModule(L.LightningModule):
     @property
     def components(self) -> DiffusionComponents:
         return DiffusionComponents(self.tokenizer, self.text_encoder, self.unet, self.vae, self.noise_scheduler,
-                                   source=self.hparams.pretrained_model)
+                                   source=self.hparams.pretrained_model, tokenizer_2=self.tokenizer_2,
+                                   text_encoder_2=self.text_encoder_2, backbone=self.backbone)
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """``{"text_encoder": ..., "text_encoder_2": ...}``: the backbone's text encoders."""
+        return {n: getattr(self, n) for n in ("text_encoder", "text_encoder_2") if getattr(self, n, None) is not None}
+
+    def model_parts(self) -> dict[str, torch.nn.Module]:
+        """Every module of the base model: text encoder(s), denoiser, VAE."""
+        return {**self.text_encoders(), "unet": self.unet, "vae": self.vae}
 
     @property
     def text_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.text_encoder.parameters())
+        return any(p.requires_grad for m in self.text_encoders().values() for p in m.parameters())
 
     def trainable_state_keys(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
@@ -229,7 +254,7 @@ class PersonalizationModule(L.LightningModule):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def _cast_frozen(self, dtype: torch.dtype) -> None:
-        for m in (self.text_encoder, self.unet, self.vae):
+        for m in self.model_parts().values():
             if m.dtype != dtype and not any(p.requires_grad for p in m.parameters()):
                 m.to(dtype=dtype)
 
@@ -274,7 +299,7 @@ class PersonalizationModule(L.LightningModule):
                    for t, prior in zip(batch["templates"], batch["is_prior"].tolist())]
         cond = self.encode_training_prompts(prompts, timesteps)  # (B, L, D)
         unet_dtype = self.unet.dtype
-        pred = self.unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype)).sample
+        pred = self.components.predict(noisy.to(unet_dtype), timesteps, cond.to(dtype=unet_dtype))  # (B, 4, h, w)
         if self.noise_scheduler.config.prediction_type == "epsilon":
             target = noise
         elif self.noise_scheduler.config.prediction_type == "v_prediction":
@@ -348,7 +373,7 @@ class PersonalizationModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # frozen modules stay in eval mode (no dropout) while the module trains
-        for m in (self.text_encoder, self.unet, self.vae):
+        for m in self.model_parts().values():
             if not any(p.requires_grad for p in m.parameters()):
                 m.eval()
 

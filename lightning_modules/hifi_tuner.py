@@ -75,6 +75,12 @@ class HiFiTextualInversion(PersonalizationModule):
     """
 
     default_learning_rate = 5e-3  # HiFi Tuner, Adam (paper, Sec. 4)
+    unsupported_backbones = {
+        "sdxl": "its c_s replaces the last n rows of one CLIP encoder's output, and SD-XL conditions on two "
+                "encoders and a pooled embedding; use TextualInversion (one vector per encoder) on SD-XL.",
+        "pixart-alpha": "its c_s sits in padding positions, which PixArt-α's T5 attention mask hides from the "
+                        "transformer; use DreamBooth or LoRA on PixArt-α.",
+    }
 
     def __init__(self, *args, num_tokens: int = 5, reg_weight: float = 1e-4, stepwise: bool = True,
                  global_steps: int = 1000, num_ddim_steps: int = 50, steps_per_timestep: int = 10,

@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.personalized import encode_text
 from lightning_modules.base import PersonalizationModule
 from lightning_modules.tokens import add_tokens, expand_placeholder
 
@@ -58,7 +57,7 @@ class TextualInversion(PersonalizationModule):
 
     def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
         prompts = [expand_placeholder(p, self.placeholder, self.hparams.num_vectors) for p in prompts]
-        return encode_text(self.tokenizer, self.text_encoder, prompts)
+        return self.components.encode(prompts)
 
     def save_artifact_files(self, folder: Path) -> None:
         save_file({self.placeholder: self.token_embedding.new.detach().float().cpu().contiguous()}, str(folder / EMBEDS_FILE))

@@ -37,6 +37,13 @@ class AttentionControl:
 
     def __init__(self, n_branches: int):
         self.n_branches = n_branches
+        #: the current call's additive attention bias, (N, heads, 1 or P, S), or None: PixArt-α's
+        #: cross-attention masks the T5 padding tokens (set by ControlledProcessor per call)
+        self.bias: torch.Tensor | None = None
+
+    def probs(self, q: torch.Tensor, k: torch.Tensor, rows: slice, scale: float) -> torch.Tensor:
+        """softmax(QKᵀ·scale + bias) of some rows, float32, (b, H, P, S)."""
+        return attention_probs(q[rows], k[rows], scale, None if self.bias is None else self.bias[rows])
 
     def rows(self, n: int, branch: int) -> slice:
         if n % self.n_branches:
@@ -73,12 +80,16 @@ class ControlledProcessor:
                 "attention control supports transformer attention layers (3-D hidden states, no group or "
                 "spatial norm), as in Stable Diffusion UNets; this layer is not one"
             )
-        if attention_mask is not None:
-            raise NotImplementedError("attention control does not support attention masks")
         residual = hidden_states
         context = hidden_states
         if is_cross:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        bias = None
+        if attention_mask is not None:  # as AttnProcessor2_0 prepares it: (N, H, 1 or P, S)
+            n = hidden_states.shape[0]
+            bias = attn.prepare_attention_mask(attention_mask, context.shape[1], n)
+            bias = bias.view(n, attn.heads, -1, bias.shape[-1])
+        self.control.bias = bias
         q = _heads(attn.to_q(hidden_states), attn.heads)  # (N, H, P, d), P = pixels of this layer
         k = _heads(attn.to_k(context), attn.heads)  # (N, H, S, d), S = tokens (cross) or P (self)
         v = _heads(attn.to_v(context), attn.heads)
@@ -86,7 +97,7 @@ class ControlledProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (N, H, P, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # (N, H, P, d)
         self.control.edit_attention(q, k, v, out, is_cross, attn.scale)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (N, P, H·d)
         out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
@@ -150,9 +161,10 @@ class SegmentedProcessor:
         return torch.cat(outs)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(QKᵀ·scale) in float32, (B, H, P, S)."""
-    return (q.float() @ k.float().transpose(-1, -2) * scale).softmax(-1)
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(QKᵀ·scale + bias) in float32, (B, H, P, S)."""
+    scores = q.float() @ k.float().transpose(-1, -2) * scale
+    return (scores if bias is None else scores + bias.float()).softmax(-1)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -184,7 +196,7 @@ class ConceptMapStore(AttentionControl):
 
     def edit_attention(self, q, k, v, out, is_cross: bool, scale: float) -> None:
         rows = self.rows(q.shape[0], self.branch)
-        probs = attention_probs(q[rows], k[rows], scale)  # (B, H, P, S)
+        probs = self.probs(q, k, rows, scale)  # (B, H, P, S)
         weights = self.token_weights.to(probs.device)[:, None, None, :]  # (B, 1, 1, S)
         pixel_map = (probs * weights).sum(-1).mean(1)  # (B, P): concept tokens, mean over heads
         h, w = _layer_size(pixel_map.shape[1], self.latent_size)
@@ -244,11 +256,11 @@ class AttentionInjection(AttentionControl):
         if not is_cross and (self.features or not self.self_maps):
             return  # the whole self-attention output is replaced below (or nothing is)
         src, tgt = self.rows(q.shape[0], self.source), self.rows(q.shape[0], self.target)
-        probs = attention_probs(q[src], k[src], scale)  # (B, H, P, S) source maps
+        probs = self.probs(q, k, src, scale)  # (B, H, P, S) source maps
         if is_cross:
             index = self.token_index.to(probs.device)[:, None, None, :].expand_as(probs)
             alpha = self.token_alpha.to(probs.device)[:, None, None, :]  # (B, 1, 1, S)
-            own = attention_probs(q[tgt], k[tgt], scale)
+            own = self.probs(q, k, tgt, scale)
             probs = alpha * probs.gather(-1, index) + (1 - alpha) * own
         out[tgt] = (probs.to(v.dtype) @ v[tgt]).to(out.dtype)  # target values, source maps
 
@@ -290,7 +302,7 @@ def concept_token_positions(tokenizer, template: str, concept_phrase: str, super
     n_prefix = len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0
     phrase = tokenizer(concept_phrase, add_special_tokens=False).input_ids
     ids = token_ids(tokenizer, fill(template, concept_phrase))
-    start = 1 + n_prefix  # after <|startoftext|>
+    start = n_prefix + _leading_special_tokens(tokenizer)  # after CLIP's <|startoftext|>; T5 has none
     if ids[start : start + len(phrase)] != phrase:
         raise ValueError(
             f"could not locate the concept phrase {concept_phrase!r} in the tokens of template {template!r}; "
@@ -299,6 +311,13 @@ def concept_token_positions(tokenizer, template: str, concept_phrase: str, super
     superclass_ids = set(tokenizer(superclass, add_special_tokens=False).input_ids)
     positions = [start + j for j, tok in enumerate(phrase) if tok not in superclass_ids]
     return positions or list(range(start, start + len(phrase)))
+
+
+def _leading_special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before the text (CLIP: 1, T5: 0)."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    full = tokenizer("a").input_ids
+    return next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), 0)
 
 
 def concept_token_weights(tokenizer, templates: Sequence[str], concept_phrase: str, superclass: str) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import ClassVar, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from components.conditioning import Cond, cat
 from components.personalized import PersonalizedModel, concept_prompt, fill, superclass_prompt
 from samplers.seeding import CellNoise, initial_latents
 
@@ -77,7 +78,7 @@ class Run:
         self.state: dict = {}
         self.unet_rows = 0  # rows through the UNet, summed over calls
         self.max_branches = 0  # the largest UNet call, in branches (= rows per image)
-        self._embeddings: dict[str, torch.Tensor] = {}  # kind -> (B, L, D)
+        self._embeddings: dict[str, Cond] = {}  # kind -> (B, L, D) conditioning
         self._embeddings_step: int | None = None  # the step they were encoded at (step-wise models)
         self._noise: dict[str, CellNoise] = {}
 
@@ -85,8 +86,8 @@ class Run:
     def batch(self) -> int:
         return len(self.cells)
 
-    def embeddings(self, kind: str, t: torch.Tensor | int) -> torch.Tensor:
-        """(B, L, D) embeddings of one prompt kind; re-encoded per step if the model asks."""
+    def embeddings(self, kind: str, t: torch.Tensor | int) -> Cond:
+        """(B, L, D) conditioning of one prompt kind; re-encoded per step if the model asks."""
         step = int(t) if self.model.timestep_dependent else None
         if step != self._embeddings_step:
             self._embeddings, self._embeddings_step = {}, step  # step-wise embeddings: drop the last step's
@@ -106,19 +107,19 @@ class Run:
         """
         x = torch.cat([z for z, _ in branches])  # (n·B, C, h, w)
         x = self.scheduler.scale_model_input(x, t)
-        context = torch.cat([self.embeddings(kind, t) for _, kind in branches])  # (n·B, L, D)
+        context = cat([self.embeddings(kind, t) for _, kind in branches])  # (n·B, L, D)
         self.unet_rows += x.shape[0]
         self.max_branches = max(self.max_branches, len(branches))
         return list(self.forward(x, t, context, branches).chunk(len(branches)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, branches) -> torch.Tensor:
-        """The UNet on the rows of one :meth:`predict` call, (n·B, C, h, w) -> (n·B, C, h, w).
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: Cond, branches) -> torch.Tensor:
+        """The denoiser on the rows of one :meth:`predict` call, (n·B, C, h, w) -> (n·B, C, h, w).
 
         The sweep planner (evaluation.planner) overrides this to share and pack the rows
         of many runs; ``branches`` tells it which rows are predictions at the run's
         current latent.
         """
-        return self.unet(x, t, encoder_hidden_states=context).sample
+        return self.components.predict(x, t, context)  # the backbone's denoiser call
 
     def start_step(self, i: int, key, z: torch.Tensor) -> None:
         """Called by the loop before step i with the sampler's :meth:`Sampler.step_key` and z_t."""

@@ -40,15 +40,20 @@ def run(model, name, batch_size=4, num_images=2, **settings):
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-v"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v", "tiny-sdxl", "tiny-pixart"])
 def test_concept_sampler_matches_diffusers_pipeline(preset):
+    """Against StableDiffusionPipeline, StableDiffusionXLPipeline (zeroed empty prompt,
+    pooled embedding, time ids) and PixArtAlphaPipeline (T5 mask, learned sigma)."""
     model = BaseModel(load_components(preset), superclass="dog")
     out = run(model, "concept", batch_size=3, guidance=7.0)  # a batch that straddles the two templates
     latents = torch.stack([initial_latents(t, i, 0, (4, 8, 8)) for t in TEMPLATES for i in range(2)])
     prompts = [t.format("sks dog") for t in TEMPLATES for _ in range(2)]
     pipe = model.components.pipeline()
+    assert type(pipe).__name__ == {"sdxl": "StableDiffusionXLPipeline", "pixart-alpha": "PixArtAlphaPipeline"}.get(
+        model.components.backbone.name, "StableDiffusionPipeline")
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompts, num_inference_steps=STEPS, guidance_scale=7.0, latents=latents, output_type="pt").images
+    extra = dict(use_resolution_binning=False, clean_caption=False) if preset == "tiny-pixart" else {}
+    ref = pipe(prompts, num_inference_steps=STEPS, guidance_scale=7.0, latents=latents, output_type="pt", **extra).images
     assert out.images.shape == ref.shape == (4, 3, 32, 32)
     torch.testing.assert_close(out.images, ref, atol=1e-5, rtol=0)
     assert out.templates == [t for t in TEMPLATES for _ in range(2)] and out.indices == [0, 1, 0, 1]

@@ -74,6 +74,9 @@ class FakeComponents:
         )
         self.scheduler_records = []
 
+    def predict(self, latents, timesteps, cond):  # the backbone seam, as StableDiffusion's
+        return self.unet(latents, timesteps, encoder_hidden_states=cond).sample
+
     def ddim_scheduler(self):
         sched = RecordingDDIM(**{k: v for k, v in TINY_CONFIG["scheduler"].items()}, set_alpha_to_one=False)
         sched.records = self.scheduler_records
