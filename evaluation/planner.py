@@ -38,6 +38,7 @@ from typing import Sequence
 
 import torch
 
+from components.conditioning import cat
 from samplers.attention import SegmentedProcessor, planned
 from samplers.base import Run, Sampler, SampleOutput, _check_model, decode
 
@@ -103,7 +104,7 @@ class _Worker:
 class _Item:
     key: object  # sharing key, or None
     x: torch.Tensor  # (rows, C, h, w), already scaled for the scheduler
-    context: torch.Tensor  # (rows, L, D)
+    context: torch.Tensor  # (rows, L, D) conditioning (components.conditioning)
     t: torch.Tensor  # (rows,) timesteps
 
 
@@ -229,6 +230,7 @@ class SweepPlanner:
 
         unet = model.components.unet
         self._pad = self.pad or is_compiled(unet)  # a compiled UNet sees one shape
+        self._components = model.components  # the backbone's denoiser call (components.backbones)
         original = dict(unet.attn_processors)
         segments = self._segments = _Segments()
         unet.set_attn_processor({name: SegmentedProcessor(p, segments) for name, p in original.items()})
@@ -310,7 +312,7 @@ class SweepPlanner:
         cap = self.unet_batch
         if plain:
             x = torch.cat([p.x for p in plain])
-            ctx = torch.cat([p.context for p in plain])
+            ctx = cat([p.context for p in plain])
             ts = torch.cat([p.t for p in plain])
         total, taken = (x.shape[0] if plain else 0), 0
         results_plain: list[torch.Tensor] = []
@@ -324,7 +326,7 @@ class SweepPlanner:
                 xs.insert(0, x[taken : taken + k]), cs.insert(0, ctx[taken : taken + k]), tt.insert(0, ts[taken : taken + k])
             segments.segments = ([(0, k, None)] if k else []) + [(k, k + item.x.shape[0], r.control)]
             try:
-                out = self._unet(unet, torch.cat(xs), torch.cat(cs), torch.cat(tt))
+                out = self._unet(unet, torch.cat(xs), cat(cs), torch.cat(tt))
             finally:
                 segments.segments = []
             if k:
@@ -352,7 +354,7 @@ class SweepPlanner:
             if self._segments.segments:
                 self._segments.segments = self._segments.segments + [(n, n + pad, None)]
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-            context = torch.cat([context, context[-1:].expand(pad, *context.shape[1:])])
+            context = cat([context, context[torch.full((pad,), n - 1)]])
             t = torch.cat([t, t[-1:].expand(pad)])
         self.stats.padded_rows += x.shape[0]
-        return unet(x, t, encoder_hidden_states=context).sample[:n]
+        return self._components.predict(x, t, context)[:n]

@@ -163,3 +163,18 @@ def test_attention_control_reproduces_the_default_attention(model):
     # and the maps are read: the masked sampler's result depends on the concept token's map
     assert (build_sampler("masked", num_steps=3, t_sw=0, q=0.5).sample(model, templates).images
             - mixed.sample(model, templates).images).abs().max() > 1e-4
+
+
+def test_sweep_planner_packs_conditionings_of_every_backbone(model):
+    """evaluate.py's planner packs and pads rows of several runs into one denoiser call:
+    with SD-XL's pooled embeddings and PixArt-α's masks too, every image equals its own run."""
+    from evaluation.planner import SweepPlanner
+
+    cells = [("a {} on the beach", 0), ("a red {}", 0)]
+    samplers = [build_sampler("mixed", num_steps=3), build_sampler("masked", num_steps=3, t_sw=1),
+                build_sampler("switching", num_steps=3, t_sw=1)]
+    planner = SweepPlanner(unet_batch=5, pad=True)
+    for sampler, out in zip(samplers, planner.sample(model, [(s, cells) for s in samplers], seed=0, batch_size=2)):
+        ref = sampler.sample_cells(model, cells, seed=0, batch_size=2)
+        assert (out.images - ref.images).abs().max() <= 1e-5, sampler
+    assert planner.stats.rows < planner.stats.naive_rows
