@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from lightning_modules.base import PersonalizationModule
 from lightning_modules.textual_inversion import EMBEDS_FILE
-from lightning_modules.tokens import add_tokens
+from lightning_modules.tokens import add_concept_tokens, concept_token_state, load_concept_token_state
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 
@@ -63,6 +63,10 @@ class CustomDiffusion(PersonalizationModule):
     """
 
     default_learning_rate = 1e-5  # Custom Diffusion, SD (sampling study, appendix B)
+    unsupported_backbones = {
+        "pixart-alpha": "its modifier token needs new T5 tokens, and T5's embedding table is padded past its "
+                        "vocabulary; use DreamBooth or LoRA on PixArt-α.",
+    }
 
     def __init__(self, *args, train_q_out: bool = False, modifier_token: bool = True,
                  initializer_token: str | None = "ktn", detach_start_token: bool = True, **kwargs):
@@ -88,7 +92,7 @@ class CustomDiffusion(PersonalizationModule):
                 attn.to_k.register_forward_hook(_detach_start_token)
                 attn.to_v.register_forward_hook(_detach_start_token)
         if self.hparams.modifier_token:
-            add_tokens(self.tokenizer, self.text_encoder, self.placeholder, 1, self.hparams.initializer_token)
+            add_concept_tokens(self, self.placeholder, 1, self.hparams.initializer_token)
 
     # ------------------------------------------------------------------ artifact
 
@@ -111,8 +115,7 @@ class CustomDiffusion(PersonalizationModule):
     def save_artifact_files(self, folder: Path) -> None:
         save_file(self.processor_state_dict(), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         if self.hparams.modifier_token:
-            new = self.text_encoder.get_input_embeddings().new
-            save_file({self.placeholder: new.detach().float().cpu().contiguous()}, str(folder / EMBEDS_FILE))
+            save_file(concept_token_state(self, self.placeholder), str(folder / EMBEDS_FILE))
 
     def load_artifact_files(self, folder: Path) -> None:
         to_ours = {theirs: ours for ours, theirs in _PROCESSOR_NAMES.items()}
@@ -127,8 +130,4 @@ class CustomDiffusion(PersonalizationModule):
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
         if self.hparams.modifier_token:
-            state = load_file(str(folder / EMBEDS_FILE))
-            if self.placeholder not in state:
-                raise KeyError(f"{folder / EMBEDS_FILE} holds {sorted(state)}, not the modifier token {self.placeholder!r}.")
-            with torch.no_grad():
-                self.text_encoder.get_input_embeddings().new.copy_(state[self.placeholder].reshape(1, -1))
+            load_concept_token_state(self, self.placeholder, load_file(str(folder / EMBEDS_FILE)), folder / EMBEDS_FILE)

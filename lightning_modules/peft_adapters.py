@@ -9,8 +9,13 @@ start as the identity (LoRA: B = 0; OFT/BOFT: R = I), so the model starts as the
 Artifacts:
 
 - LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (keys ``unet.…lora.down/up``,
-  ``text_encoder.…lora_linear_layer.down/up``, the adapter configs in the header), read by
-  ``StableDiffusionPipeline.load_lora_weights(folder)``.
+  ``text_encoder.…lora_linear_layer.down/up``, SD-XL also ``text_encoder_2.…``, the adapter
+  configs in the header), read by ``StableDiffusionPipeline.load_lora_weights(folder)`` /
+  ``StableDiffusionXLPipeline.load_lora_weights(folder)``. PixArt-α: keys
+  ``transformer.…lora_A/lora_B`` (diffusers' transformer LoRA format, peft naming);
+  diffusers 0.42 has no LoRA loader for ``PixArtAlphaPipeline`` (its transformer has no
+  ``PeftAdapterMixin``), so this module's ``load_artifact`` reads it (peft's
+  ``inject_adapter_in_model`` + ``set_peft_model_state_dict``).
 - OFT, BOFT: no diffusers loader reads them; peft's adapter layout per model,
   ``unet/adapter_config.json`` + ``unet/adapter_model.safetensors`` (and ``text_encoder/``),
   which ``PeftModel.from_pretrained(unet, folder / "unet")`` and this module read.
@@ -54,13 +59,16 @@ class PeftAdapter(PersonalizationModule):
     def adapted(self) -> dict[str, torch.nn.Module]:
         parts = {"unet": self.unet}
         if self.hparams.train_text_encoder:
-            parts["text_encoder"] = self.text_encoder
+            parts.update(self.text_encoders())  # SD-XL: both encoders
         return parts
 
     def configure_trainable(self) -> None:
-        self.unet.add_adapter(self.adapter_config(list(self.hparams.unet_target_modules), "unet"))
-        if self.hparams.train_text_encoder:
-            self.text_encoder.add_adapter(self.adapter_config(list(self.hparams.text_target_modules), "text_encoder"))
+        from lightning_modules.dreambooth import check_text_trainable
+
+        check_text_trainable(self, self.hparams.train_text_encoder)
+        for part, module in self.adapted().items():
+            targets = self.hparams.unet_target_modules if part == "unet" else self.hparams.text_target_modules
+            add_adapter(module, self.adapter_config(list(targets), "unet" if part == "unet" else "text_encoder"))
 
     def adapter_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """peft-format state dicts of the adapters, ``{"unet": {...}, "text_encoder": {...}}``."""
@@ -96,6 +104,19 @@ class PeftAdapter(PersonalizationModule):
             self.set_adapter_state_dict(part, load_file(str(path)))
 
 
+def add_adapter(module: torch.nn.Module, config) -> None:
+    """peft's adapter through the model's own ``add_adapter`` (diffusers' and transformers'
+    glue), or, for models without one (PixArt-α's transformer), peft's injection with the
+    config kept where peft's state-dict helpers look for it."""
+    if hasattr(module, "add_adapter"):
+        module.add_adapter(config)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, module, adapter_name="default")
+    module.peft_config = {"default": config}
+
+
 def _jsonable(value):
     return sorted(value) if isinstance(value, set) else str(value)
 
@@ -129,36 +150,45 @@ class LoRA(PeftAdapter):
                           init_lora_weights="gaussian")
 
     def save_artifact_files(self, folder: Path) -> None:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
         states = self.adapter_state_dicts()
         meta = {part: {**m.peft_config["default"].to_dict(), "base_model_name_or_path": None}
                 for part, m in self.adapted().items()}
-        StableDiffusionPipeline.save_lora_weights(
-            folder,
-            unet_lora_layers=convert_state_dict_to_diffusers(states["unet"]),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(states["text_encoder"]) if "text_encoder" in states else None,
-            unet_lora_adapter_metadata=meta["unet"],
-            text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
-            weight_name=LORA_FILE,
-        )
+        if self.backbone.name == "pixart-alpha":  # no diffusers pipeline saves or loads it: the transformer format
+            tensors = {f"transformer.{k}": v for k, v in states["unet"].items()}
+            header = {"format": "pt", "transformer_lora_adapter_metadata": json.dumps(meta["unet"], default=_jsonable)}
+            save_file(tensors, str(folder / LORA_FILE), metadata=header)
+            return
+        pipeline = StableDiffusionXLPipeline if self.backbone.name == "sdxl" else StableDiffusionPipeline
+        kwargs = {}
+        for part in self.text_encoders():
+            kwargs[f"{part}_lora_layers"] = convert_state_dict_to_diffusers(states[part]) if part in states else None
+            kwargs[f"{part}_lora_adapter_metadata"] = meta.get(part)
+        pipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(states["unet"]),
+                                   unet_lora_adapter_metadata=meta["unet"], weight_name=LORA_FILE, **kwargs)
 
     def load_artifact_files(self, folder: Path) -> None:
         from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
         tensors = load_file(str(folder / LORA_FILE))
-        parts = {"unet": {}, "text_encoder": {}}
+        denoiser = "transformer" if self.backbone.name == "pixart-alpha" else "unet"
+        parts = {denoiser: {}, **{part: {} for part in self.text_encoders()}}
         for key, value in tensors.items():
             prefix, _, name = key.partition(".")
             if prefix not in parts:
-                raise KeyError(f"{folder / LORA_FILE}: entry {key!r} is neither unet.* nor text_encoder.*")
+                raise KeyError(f"{folder / LORA_FILE}: entry {key!r} is none of {sorted(p + '.*' for p in parts)}")
             parts[prefix][name] = value
-        if parts["text_encoder"] and not self.hparams.train_text_encoder:
+        if any(parts[p] for p in self.text_encoders()) and not self.hparams.train_text_encoder:
             raise ValueError(f"{folder / LORA_FILE} holds text-encoder LoRA weights: rebuild with train_text_encoder=True.")
-        self.set_adapter_state_dict("unet", convert_unet_state_dict_to_peft(parts["unet"]))
+        if denoiser == "transformer":
+            self.set_adapter_state_dict("unet", parts["transformer"])  # already peft naming
+        else:
+            self.set_adapter_state_dict("unet", convert_unet_state_dict_to_peft(parts["unet"]))
         if self.hparams.train_text_encoder:
-            self.set_adapter_state_dict("text_encoder", convert_state_dict_to_peft(parts["text_encoder"]))
+            for part in self.text_encoders():
+                self.set_adapter_state_dict(part, convert_state_dict_to_peft(parts[part]))
 
 
 class OFT(PeftAdapter):

@@ -16,7 +16,8 @@ Shifts of 1-d weights (norm layers) have their own learning rate (paper: 1e-6 ne
 The shifts are ``torch.nn.utils.parametrize`` parametrizations, so every layer keeps its
 class and forward, and attention processors and samplers work unchanged.
 
-Artifact: ``spectral_shifts.safetensors``, ``{"unet.<layer>.weight": δ, "text_encoder.<layer>.weight": δ}``.
+Artifact: ``spectral_shifts.safetensors``, ``{"unet.<layer>.weight": δ, "text_encoder.<layer>.weight": δ}``
+(SD-XL: also ``text_encoder_2.<layer>.weight``; ``unet`` is the denoiser, PixArt-α's transformer too).
 """
 
 from __future__ import annotations
@@ -102,9 +103,12 @@ class SVDiff(PersonalizationModule):
         super().__init__(*args, **kwargs)
 
     def configure_trainable(self) -> None:
+        from lightning_modules.dreambooth import check_text_trainable
+
+        check_text_trainable(self, self.hparams.train_text_encoder)
         modules = {"unet": self.unet}
         if self.hparams.train_text_encoder:
-            modules["text_encoder"] = self.text_encoder
+            modules.update(self.text_encoders())  # SD-XL: both encoders
         self._shift_names: dict[str, SpectralShift] = {}  # "unet.<layer>.weight" -> its shift
         svd_device = self.hparams.svd_device or ("cuda" if torch.cuda.is_available() else "cpu")
         for prefix, module in modules.items():

@@ -1,8 +1,10 @@
 """Textual Inversion (Gal et al., 2023): learn the embedding of one new token (or a few
-vectors of it) while the whole model stays frozen.
+vectors of it) while the whole model stays frozen. On SD-XL the token is learned in both
+text encoders (one set of vectors each).
 
-Artifact: ``learned_embeds.safetensors`` with one key, the placeholder, holding a
-(num_vectors, D) tensor — the format of diffusers' ``load_textual_inversion``.
+Artifact: ``learned_embeds.safetensors`` in the format of diffusers' ``load_textual_inversion``:
+one key, the placeholder, holding a (num_vectors, D) tensor; on SD-XL the keys ``clip_l``
+and ``clip_g``, one per encoder (load each with ``text_encoder=``/``tokenizer=``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightning_modules.base import PersonalizationModule
-from lightning_modules.tokens import add_tokens, expand_placeholder
+from lightning_modules.tokens import add_concept_tokens, concept_token_state, expand_placeholder, load_concept_token_state
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 
@@ -32,6 +34,10 @@ class TextualInversion(PersonalizationModule):
     """
 
     default_learning_rate = 5e-3  # Textual Inversion, SD (diffusers example: 5e-4 x batch scaling)
+    unsupported_backbones = {
+        "pixart-alpha": "T5's embedding table is padded past its vocabulary, so new tokens cannot be told from the "
+                        "padding rows; use DreamBooth or LoRA on PixArt-α.",
+    }
 
     def __init__(self, *args, num_vectors: int = 1, initializer_token: str | None = None,
                  include_superclass: bool = False, **kwargs):
@@ -41,7 +47,7 @@ class TextualInversion(PersonalizationModule):
 
     def configure_trainable(self) -> None:
         init = self.hparams.initializer_token or (self.superclass.split()[0] if self.superclass else None)
-        add_tokens(self.tokenizer, self.text_encoder, self.placeholder, self.hparams.num_vectors, init)
+        add_concept_tokens(self, self.placeholder, self.hparams.num_vectors, init)
 
     @property
     def token_embedding(self):
@@ -60,11 +66,7 @@ class TextualInversion(PersonalizationModule):
         return self.components.encode(prompts)
 
     def save_artifact_files(self, folder: Path) -> None:
-        save_file({self.placeholder: self.token_embedding.new.detach().float().cpu().contiguous()}, str(folder / EMBEDS_FILE))
+        save_file(concept_token_state(self, self.placeholder), str(folder / EMBEDS_FILE))
 
     def load_artifact_files(self, folder: Path) -> None:
-        state = load_file(str(folder / EMBEDS_FILE))
-        if self.placeholder not in state:
-            raise KeyError(f"{folder / EMBEDS_FILE} holds {sorted(state)}, not the placeholder {self.placeholder!r}.")
-        with torch.no_grad():
-            self.token_embedding.new.copy_(state[self.placeholder].reshape(self.token_embedding.new.shape))
+        load_concept_token_state(self, self.placeholder, load_file(str(folder / EMBEDS_FILE)), folder / EMBEDS_FILE)

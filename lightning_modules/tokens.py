@@ -91,3 +91,36 @@ def expand_placeholder(prompt: str, placeholder: str, num_vectors: int) -> str:
     prompt = prompt.replace(full, placeholder)  # idempotent: collapse, then expand every occurrence
     pattern = re.escape(placeholder) + r"(?!_\d)"
     return re.sub(pattern, full, prompt)
+
+
+#: diffusers' keys for a textual-inversion file of a model with two text encoders (SD-XL)
+ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+
+
+def add_concept_tokens(module, placeholder: str, num_vectors: int = 1, initializer: str | None = None) -> None:
+    """:func:`add_tokens` in every text encoder of ``module`` (SD-XL: one set of vectors
+    per encoder, each initialised from that encoder's own embedding of ``initializer``)."""
+    for name, encoder in module.text_encoders().items():
+        add_tokens(getattr(module, name.replace("text_encoder", "tokenizer")), encoder, placeholder, num_vectors, initializer)
+
+
+def concept_token_state(module, placeholder: str) -> dict[str, torch.Tensor]:
+    """The learned vectors in diffusers' textual-inversion format: ``{placeholder: (n, D)}``
+    for one text encoder; ``{"clip_l": (n, D_1), "clip_g": (n, D_2)}`` for two (SD-XL),
+    which ``pipe.load_textual_inversion(state["clip_g"], token=..., text_encoder=pipe.text_encoder_2,
+    tokenizer=pipe.tokenizer_2)`` (and ``clip_l`` with the first encoder) reads."""
+    encoders = module.text_encoders()
+    new = {name: enc.get_input_embeddings().new.detach().float().cpu().contiguous() for name, enc in encoders.items()}
+    return {placeholder: new["text_encoder"]} if len(new) == 1 else {ENCODER_KEYS[n]: v for n, v in new.items()}
+
+
+def load_concept_token_state(module, placeholder: str, state: dict[str, torch.Tensor], path) -> None:
+    """Copy vectors written by :func:`concept_token_state` into ``module``'s new tokens."""
+    encoders = module.text_encoders()
+    keys = {"text_encoder": placeholder} if len(encoders) == 1 else ENCODER_KEYS
+    for name, encoder in encoders.items():
+        if keys[name] not in state:
+            raise KeyError(f"{path} holds {sorted(state)}, not {keys[name]!r} (the vectors of {name}).")
+        target = encoder.get_input_embeddings().new
+        with torch.no_grad():
+            target.copy_(state[keys[name]].reshape(target.shape))

@@ -1,6 +1,7 @@
-"""Invariants of every fine-tuning method, on the tiny preset (CPU).
+"""Invariants of every fine-tuning method, on the tiny presets (CPU).
 
-Parametrized over all methods: a training step runs; only the declared parameters
+Parametrized over all methods on the SD preset, and over the methods that apply to
+SD-XL and PixArt-α on theirs (tiny-sdxl, tiny-pixart): a training step runs; only the declared parameters
 change; before training the model is the base model; the artifact holds only what
 trained and reloads to the same outputs. Then the diffusers interop of the methods
 that have a diffusers loader (LoRA, Custom Diffusion) and the method-specific checks
@@ -17,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from components.conditioning import Conditioning
 from components.loader import load_components
-from components.personalized import encode_text
 from conftest import build, make, quiet_trainer, snapshot
 from lightning_modules import (BOFT, OFT, CustomDiffusion, DreamBooth, DreamBoothQKV, HiFiTextualInversion, LoRA,
                                PersonalizationModule, SVDiff, TextualInversion, load_personalized)
@@ -35,6 +36,21 @@ METHODS = [
     pytest.param(BOFT, {"num_blocks": 4, "train_text_encoder": True}, id="boft"),
     pytest.param(HiFiTextualInversion, {"global_steps": 1, "num_ddim_steps": 3, "steps_per_timestep": 1}, id="hifi"),
 ]
+#: the methods on the other backbones (tiny presets), with the smallest settings that reach every code path
+BACKBONE_METHODS = [
+    pytest.param(DreamBooth, {"pretrained_model": "tiny-sdxl", "train_text_encoder": True}, id="sdxl-dreambooth"),
+    pytest.param(DreamBoothQKV, {"pretrained_model": "tiny-sdxl"}, id="sdxl-dreambooth_qkv"),
+    pytest.param(TextualInversion, {"pretrained_model": "tiny-sdxl", "placeholder": "<ball1>", "num_vectors": 2},
+                 id="sdxl-textual_inversion"),
+    pytest.param(CustomDiffusion, {"pretrained_model": "tiny-sdxl", "placeholder": "<new1>"}, id="sdxl-custom_diffusion"),
+    pytest.param(SVDiff, {"pretrained_model": "tiny-sdxl"}, id="sdxl-svdiff"),
+    pytest.param(LoRA, {"pretrained_model": "tiny-sdxl", "train_text_encoder": True, "text_rank": 2}, id="sdxl-lora"),
+    pytest.param(DreamBooth, {"pretrained_model": "tiny-pixart"}, id="pixart-dreambooth"),
+    pytest.param(DreamBoothQKV, {"pretrained_model": "tiny-pixart", "train_text_encoder": False}, id="pixart-dreambooth_qkv"),
+    pytest.param(LoRA, {"pretrained_model": "tiny-pixart"}, id="pixart-lora"),
+    pytest.param(SVDiff, {"pretrained_model": "tiny-pixart", "train_text_encoder": False}, id="pixart-svdiff"),
+]
+ALL_METHODS = METHODS + BACKBONE_METHODS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,6 +67,14 @@ def unet_inputs(seed: int = 0):
     x = torch.randn(2, 4, 8, 8, generator=g)  # (B, C, h, w): tiny latents
     cond = torch.randn(2, 77, 32, generator=g)  # (B, L, D)
     return x, torch.tensor([999, 10]), cond
+
+
+def same(a, b) -> bool:
+    """Bit-identical conditionings (hidden states and extras) or tensors."""
+    if isinstance(a, Conditioning):
+        return (torch.equal(a.hidden_states, b.hidden_states) and a.extras.keys() == b.extras.keys()
+                and all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras))
+    return torch.equal(a, b)
 
 
 def perturb_trainable(module, seed: int = 0, scale: float = 0.05) -> None:
@@ -71,7 +95,7 @@ def timesteps_of(module) -> list[int | None]:
 # --------------------------------------------------------------------------- every method
 
 
-@pytest.mark.parametrize("cls,kwargs", METHODS)
+@pytest.mark.parametrize("cls,kwargs", ALL_METHODS)
 def test_training_step_changes_only_declared_parameters(cls, kwargs, demo_dm):
     module = make(cls, kwargs)
     trainable = module.trainable_state_keys() | set(module.extra_state_keys())
@@ -84,23 +108,23 @@ def test_training_step_changes_only_declared_parameters(cls, kwargs, demo_dm):
     assert any(not torch.equal(before[k], after[k]) for k in module.trainable_state_keys())
 
 
-@pytest.mark.parametrize("cls,kwargs", METHODS)
+@pytest.mark.parametrize("cls,kwargs", ALL_METHODS)
 def test_before_training_the_model_is_the_base_model(cls, kwargs):
-    """UNet outputs and the text encoding of non-concept prompts equal the base model's,
+    """Denoiser outputs and the conditioning of non-concept prompts equal the base model's,
     bit for bit (SVDiff: W + U·diag(relu(σ+0) − σ)·Vᵀ adds an exact zero; LoRA: B = 0;
     OFT/BOFT: R = I; Custom Diffusion: the original k/v weights)."""
     module = make(cls, kwargs).eval()
-    base = load_components("tiny")
-    x, t, cond = unet_inputs()
+    base = load_components(module.hparams.pretrained_model)
+    x, t, _ = unet_inputs()
+    prompts = ["a photo of ball", ""]
     with torch.no_grad():
-        assert torch.equal(module.unet(x, t, cond).sample, base.unet(x, t, cond).sample)
-        prompts = ["a photo of ball", ""]
-        expected = encode_text(base.tokenizer, base.text_encoder, prompts)
+        expected = base.encode(prompts)
+        assert torch.equal(module.components.predict(x, t, expected), base.predict(x, t, expected))
         for step in timesteps_of(module):
-            assert torch.equal(module.encode_prompts(prompts, step), expected)
+            assert same(module.encode_prompts(prompts, step), expected)
 
 
-@pytest.mark.parametrize("cls,kwargs", METHODS)
+@pytest.mark.parametrize("cls,kwargs", ALL_METHODS)
 def test_artifact_holds_only_what_trained_and_round_trips(cls, kwargs, tmp_path):
     module = make(cls, kwargs).eval()
     perturb_trainable(module)
@@ -122,8 +146,8 @@ def test_artifact_holds_only_what_trained_and_round_trips(cls, kwargs, tmp_path)
     with torch.no_grad():
         for step in timesteps_of(module):
             cond = module.encode_prompts(prompts, step)
-            assert torch.equal(loaded.encode_prompts(prompts, step), cond)
-            assert torch.equal(loaded.unet(x, t, cond[:2]).sample, module.unet(x, t, cond[:2]).sample)
+            assert same(loaded.encode_prompts(prompts, step), cond)
+            assert torch.equal(loaded.components.predict(x, t, cond[:2]), module.components.predict(x, t, cond[:2]))
 
 
 # --------------------------------------------------------------------------- diffusers interop
@@ -151,6 +175,72 @@ def test_lora_artifact_loads_with_diffusers_load_lora_weights(tmp_path):
         base = pipeline_images(load_components("tiny").pipeline(), prompt)
     assert torch.equal(ours, theirs)
     assert not torch.allclose(ours, base, atol=1e-3)  # the LoRA changed the image
+
+
+def test_sdxl_lora_loads_with_load_lora_weights_and_ti_with_load_textual_inversion(tmp_path):
+    """SD-XL artifacts in diffusers' own loaders: the LoRA (UNet + both text encoders)
+    through StableDiffusionXLPipeline.load_lora_weights, the textual inversion (one
+    vector set per encoder) through load_textual_inversion with clip_l / clip_g."""
+    lora = make(LoRA, {"pretrained_model": "tiny-sdxl", "train_text_encoder": True, "text_rank": 2, "alpha": 8}).eval()
+    perturb_trainable(lora, scale=0.2)
+    pipe = load_components("tiny-sdxl").pipeline()
+    pipe.load_lora_weights(lora.save_artifact(tmp_path / "lora"))
+    assert {"unet", "text_encoder", "text_encoder_2"} <= set(pipe.get_list_adapters())
+    prompt = f"a photo of {lora.concept_phrase}"
+    with torch.no_grad():
+        ours, theirs = pipeline_images(lora.components.pipeline(), prompt), pipeline_images(pipe, prompt)
+        base = pipeline_images(load_components("tiny-sdxl").pipeline(), prompt)
+    assert torch.equal(ours, theirs) and not torch.allclose(ours, base, atol=1e-3)
+
+    ti = make(TextualInversion, {"pretrained_model": "tiny-sdxl", "placeholder": "<ball1>", "num_vectors": 2}).eval()
+    perturb_trainable(ti, scale=0.5)
+    state = load_file(str(ti.save_artifact(tmp_path / "ti") / "learned_embeds.safetensors"))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (2, 32), "clip_g": (2, 32)}
+    pipe = load_components("tiny-sdxl").pipeline()
+    pipe.load_textual_inversion(state["clip_l"], token="<ball1>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<ball1>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    prompt = "a photo of <ball1>"  # diffusers writes out the vectors of a multi-vector token itself
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+        cond = ti.encode_prompts([prompt])
+        ours, theirs = pipeline_images(ti.components.pipeline(), prompt), pipeline_images(pipe, prompt)
+    torch.testing.assert_close(cond.hidden_states, embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cond.extras["text_embeds"], pooled, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_pixart_lora_artifact_is_diffusers_transformer_format(tmp_path):
+    """No diffusers pipeline loads a PixArt-α LoRA (0.42); the artifact is the transformer
+    LoRA format (``transformer.<module>.lora_A/B``) that peft loads into a plain transformer."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    module = make(LoRA, {"pretrained_model": "tiny-pixart", "rank": 2}).eval()
+    perturb_trainable(module, scale=0.2)
+    tensors = load_file(str(module.save_artifact(tmp_path / "lora") / "pytorch_lora_weights.safetensors"))
+    assert tensors and all(k.startswith("transformer.") and ".lora_" in k for k in tensors)
+    transformer = load_components("tiny-pixart").unet
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    inject_adapter_in_model(config, transformer)
+    set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in tensors.items()})
+    with torch.no_grad():
+        cond = module.encode_prompts(["a photo of sks ball"])
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor(500)
+        ours = module.components.predict(x, t, cond)
+        base = load_components("tiny-pixart")
+        base.unet = transformer
+        assert torch.equal(base.predict(x, t, cond), ours)
+
+
+@pytest.mark.parametrize("cls,kwargs,message", [
+    (HiFiTextualInversion, {"pretrained_model": "tiny-sdxl"}, "does not apply to sdxl models"),
+    (TextualInversion, {"pretrained_model": "tiny-pixart", "placeholder": "<b1>"}, "does not apply to pixart-alpha"),
+    (CustomDiffusion, {"pretrained_model": "tiny-pixart", "placeholder": "<b1>"}, "does not apply to pixart-alpha"),
+    (DreamBooth, {"pretrained_model": "tiny-pixart", "train_text_encoder": True}, "set train_text_encoder: false"),
+])
+def test_a_method_that_does_not_apply_to_a_backbone_says_so(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make(cls, kwargs)
 
 
 def test_custom_diffusion_artifact_loads_with_diffusers(tmp_path):
