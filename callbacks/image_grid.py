@@ -97,7 +97,8 @@ class ImageGridLogger(L.Callback):
             embeds = pl_module.encode_prompts([p for p in prompts for _ in range(self.num_images)])
             negative = pl_module.encode_prompts([""] * len(embeds))
             gens = [torch.Generator(pl_module.device).manual_seed(self.seed + j) for _ in prompts for j in range(self.num_images)]
-            out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=self.num_steps,
+            inputs = c.backbone.pipeline_inputs(embeds, negative)  # the family's pipeline arguments
+            out = pipe(**inputs, num_inference_steps=self.num_steps,
                        guidance_scale=self.guidance_scale, generator=gens, output_type="pt", height=c.resolution,
                        width=c.resolution)
         finally:

@@ -178,3 +178,17 @@ def test_sweep_planner_packs_conditionings_of_every_backbone(model):
         ref = sampler.sample_cells(model, cells, seed=0, batch_size=2)
         assert (out.images - ref.images).abs().max() <= 1e-5, sampler
     assert planner.stats.rows < planner.stats.naive_rows
+
+
+def test_image_grid_logger_samples_every_backbone(model):
+    """The grid callback hands the backbone's precomputed conditionings to its pipeline
+    (SD-XL: pooled embeddings; PixArt-α: attention masks)."""
+    from types import SimpleNamespace
+
+    from callbacks.image_grid import ImageGridLogger
+
+    c = model.components
+    module = SimpleNamespace(components=c, encode_prompts=lambda prompts: c.encode(prompts), device=torch.device("cpu"))
+    with torch.no_grad():
+        images = ImageGridLogger(num_images=2, num_steps=2).sample(module, ["a photo of sks dog"])
+    assert images.shape == (2, 3, 32, 32) and images.isfinite().all()

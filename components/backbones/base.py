@@ -96,6 +96,11 @@ class Backbone:
         Learned-variance outputs are cut to their first C channels here."""
         raise NotImplementedError
 
+    def pipeline_inputs(self, cond: Cond, negative: Cond) -> dict:
+        """Keyword arguments that hand precomputed conditionings to the family's pipeline
+        (``prompt_embeds``, ``negative_prompt_embeds`` and the family's extras)."""
+        return {"prompt_embeds": cond, "negative_prompt_embeds": negative}
+
     def max_length(self, components: "DiffusionComponents") -> int:
         """Tokens per prompt (the cross-attention key length)."""
         return components.tokenizer.model_max_length

@@ -103,6 +103,12 @@ class PixArtAlpha(Backbone):
         hidden = encoder(ids, attention_mask=mask)[0]  # (B, 120, D)
         return Conditioning(hidden, {"encoder_attention_mask": mask})
 
+    def pipeline_inputs(self, cond, negative) -> dict:
+        return {"prompt_embeds": cond.hidden_states, "prompt_attention_mask": cond.extras["encoder_attention_mask"],
+                "negative_prompt_embeds": negative.hidden_states,
+                "negative_prompt_attention_mask": negative.extras["encoder_attention_mask"],
+                "negative_prompt": None, "use_resolution_binning": False}
+
     def predict(self, components, latents, timesteps, cond):
         transformer, n, channels = components.unet, latents.shape[0], latents.shape[1]
         t = torch.as_tensor(timesteps, device=latents.device)

@@ -111,6 +111,11 @@ class StableDiffusionXL(Backbone):
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         return Conditioning(hidden, {"text_embeds": pooled})
 
+    def pipeline_inputs(self, cond, negative) -> dict:
+        return {"prompt_embeds": cond.hidden_states, "pooled_prompt_embeds": cond.extras["text_embeds"],
+                "negative_prompt_embeds": negative.hidden_states,
+                "negative_pooled_prompt_embeds": negative.extras["text_embeds"]}
+
     def predict(self, components, latents, timesteps, cond):
         h, w = (s * components.vae_scale_factor for s in latents.shape[-2:])  # image size
         time_ids = torch.tensor([h, w, 0, 0, h, w], device=latents.device, dtype=cond.dtype)  # (6,)
