@@ -192,3 +192,26 @@ def test_image_grid_logger_samples_every_backbone(model):
     with torch.no_grad():
         images = ImageGridLogger(num_images=2, num_steps=2).sample(module, ["a photo of sks dog"])
     assert images.shape == (2, 3, 32, 32) and images.isfinite().all()
+
+
+def test_memory_estimate_counts_what_the_method_trains(monkeypatch):
+    """benchmarks/bench_memory.py on the meta device, with the tiny SD-XL config: the
+    trainable parameters are the method's, the Adam state 12 bytes each, and gradient
+    checkpointing saves fewer activations."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import make
+    from lightning_modules import LoRA
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.BACKBONE_SETUPS, "tiny-sdxl", ("sdxl", bench.BACKBONES["sdxl"].tiny_config, 32))
+    monkeypatch.setitem(bench.METHODS, "lora", ("LoRA", {"rank": 4}))
+    (row,) = bench.estimate("tiny-sdxl", ["lora"])
+    real = make(LoRA, {"pretrained_model": "tiny-sdxl", "rank": 4})
+    assert row["trainable_params"] == real.num_trainable_parameters() > 0
+    assert row["grads_adam"] * bench.GIB == 12 * row["trainable_params"]
+    assert 0 < row["activations_ckpt"] < row["activations"]

@@ -78,8 +78,9 @@ class PixArtAlpha(Backbone):
 
         tokenizer = build_tiny_t5_tokenizer(model_max_length=MAX_SEQUENCE_LENGTH)
         torch.manual_seed(seed)
-        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                               eos_token_id=tokenizer.eos_token_id, **config["text_encoder"]))
+        text_config = {"vocab_size": len(tokenizer), **config["text_encoder"]}  # a config may name the real size
+        text_encoder = T5EncoderModel(T5Config(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               **text_config))
         transformer = PixArtTransformer2DModel(**config["transformer"])
         vae = AutoencoderKL(**config["vae"])
         for m in (text_encoder, transformer, vae):

@@ -33,8 +33,9 @@ def build_scheduler(config: dict, prediction_type: str):
 def clip_text_config(tokenizer, config: dict, vocab_size: int | None = None):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)
+    config = {"vocab_size": vocab_size or len(tokenizer), **config}  # a config may name the real vocabulary size
+    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **config)
 
 
 @register
