@@ -129,6 +129,22 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
+def check_models(cfg, subjects, num_steps: int) -> None:
+    """The base model and every subject's artifact, checked in seconds before any work."""
+    from components.loader import check_model_source, check_num_steps
+
+    if cfg.artifact:
+        from lightning_modules.base import read_artifact_manifest
+
+        bases = {cfg.model or read_artifact_manifest(cfg.artifact.format(subject=s.name))["pretrained_model"]
+                 for s in subjects}
+    else:
+        bases = {cfg.model}
+    for base in sorted(bases):
+        check_model_source(base)
+        check_num_steps(base, num_steps)
+
+
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from evaluation import Ranks, fabric_ranks, run_evaluation
@@ -141,7 +157,9 @@ def main(argv=None):
     # bad input fails here, before any process is launched
     if cfg.model is None and not cfg.artifact:
         raise SystemExit("Nothing to evaluate: pass --model (hub id, folder, 'tiny') and/or --artifact.")
-    build_subjects(cfg), expand_sweep(cfg.sweep, cfg.defaults)
+    subjects = build_subjects(cfg)
+    points = expand_sweep(cfg.sweep, cfg.defaults)
+    check_models(cfg, subjects, max((p.build().num_steps for p in points), default=1))
     ranks = fabric_ranks(cfg) if cfg.devices * cfg.num_nodes > 1 else Ranks(device=resolve_device(cfg.device))
     run = None
     if cfg.wandb_project and ranks.rank == 0:

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from components.errors import MissingFileError
+from components.linefile import drop_torn_tail, read_lines
+
 RUN_FILE, MANIFEST_FILE = "run.json", "manifest.jsonl"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -103,6 +106,9 @@ def resolve_templates(args) -> list[str]:
     templates = list(args.prompts)
     if len(templates) == 1 and Path(templates[0]).is_file():
         templates = read_prompt_file(templates[0])
+    elif len(templates) == 1 and "{}" not in templates[0] and Path(templates[0]).suffix in (".txt", ".yaml", ".csv"):
+        raise MissingFileError(f"--prompts {templates[0]}: no such file",
+                               fix="give an existing file of templates (one per line), or templates with a {} slot")
     for t in templates:
         fill(t, "x")  # ValueError naming the template without a {} slot
     return templates
@@ -122,18 +128,25 @@ def run_identity(args, sampler) -> dict:
     }
 
 
+def _record(line: str) -> dict:
+    record = json.loads(line)
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise ValueError("not an image record")
+    return record
+
+
 def read_manifest(out: Path) -> dict[str, dict]:
-    path = out / MANIFEST_FILE
-    if not path.exists():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["file"]: r for r in records}
+    """The manifest's records by file name: an unfinished last line (a run killed while
+    writing it) is dropped with a warning; a damaged line elsewhere names the file and line."""
+    return {r["file"]: r for r in read_lines(out / MANIFEST_FILE, _record, what="image")}
 
 
 def check_out_dir(out: Path, identity: dict, cells: list[tuple[int, str, int]]) -> None:
-    """ValueError if ``out`` holds a run with other settings or other prompts at the same names."""
+    """ValueError if ``out`` holds images made with other settings or other prompts at the
+    same names (a folder holding no image yet is free, whatever its run.json says)."""
     run_file = out / RUN_FILE
-    if run_file.exists():
+    records = read_manifest(out)
+    if run_file.exists() and records:
         previous = json.loads(run_file.read_text())
         diffs = [k for k in identity if previous.get(k) != identity[k]]
         if diffs:
@@ -142,7 +155,6 @@ def check_out_dir(out: Path, identity: dict, cells: list[tuple[int, str, int]]) 
                 f"--out {out} already holds images made with different settings ({detail}); "
                 f"choose another --out, or delete the folder to start over"
             )
-    records = read_manifest(out)
     for prompt_index, template, index in cells:
         record = records.get(image_name(prompt_index, index))
         if record and record["template"] != template:
@@ -150,6 +162,24 @@ def check_out_dir(out: Path, identity: dict, cells: list[tuple[int, str, int]]) 
                 f"--out {out}: prompt {prompt_index} was {record['template']!r} there, now {template!r}; "
                 f"keep the prompt list in order, or choose another --out"
             )
+
+
+def check_model(args, sampler) -> None:
+    from components.loader import check_model_source, check_num_steps
+
+    base = args.model
+    if args.artifact:
+        from lightning_modules.base import read_artifact_manifest  # lazy: Lightning is heavy to import
+
+        base = args.model or read_artifact_manifest(args.artifact)["pretrained_model"]
+    check_model_source(base)
+    check_num_steps(base, sampler.num_steps)
+
+
+def write_identity(path: Path, identity: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(identity, indent=2))
+    tmp.replace(path)
 
 
 def load_model(args):
@@ -199,6 +229,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise ValueError(f"--num-images ({args.num_images}) and --batch-size ({args.batch_size}) must be >= 1")
         if not args.artifact and not (args.model and args.superclass):
             raise ValueError("without --artifact, give the base model (--model) and the concept's --superclass")
+        check_model(args, sampler)  # a typo, a broken artifact or an unreachable hub id fails now, in seconds
         out = Path(args.out)
         identity = run_identity(args, sampler)
         cells = [(p, t, i) for p, t in enumerate(templates) for i in range(args.num_images)]
@@ -211,14 +242,12 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"{sampler!r}: {len(cells) - len(todo)} of {len(cells)} images already in {out}, {len(todo)} to make")
     if not todo:
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / RUN_FILE).exists():
-        (out / RUN_FILE).write_text(json.dumps(identity, indent=2))
-
     from components.personalized import concept_prompt, superclass_prompt
     from tqdm.auto import tqdm
 
     model = load_model(args)
+    out.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(out / MANIFEST_FILE)  # the next record starts on a line of its own
     with tqdm(total=len(todo), desc=sampler.name, unit="img") as bar, open(out / MANIFEST_FILE, "a") as manifest:
         for start in range(0, len(todo), args.batch_size):
             chunk = todo[start : start + args.batch_size]
@@ -232,6 +261,8 @@ def main(argv: list[str] | None = None) -> Path:
                     "seed": args.seed, "sampler": sampler.name, "settings": sampler.settings(), "cost": result.cost,
                     "model": args.model, "artifact": identity["artifact"],
                 }
+                if not manifest.tell() or not (out / RUN_FILE).exists():
+                    write_identity(out / RUN_FILE, identity)  # the run's identity, once its first image exists
                 manifest.write(json.dumps(record) + "\n")
             manifest.flush()
             bar.update(len(chunk))

@@ -16,8 +16,14 @@ traceback.
 from __future__ import annotations
 
 import os
+import sys
+import zipfile
+from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
+
+from components.errors import MissingFileError, UserError
 
 
 class PersonalizeCLI(LightningCLI):
@@ -25,9 +31,56 @@ class PersonalizeCLI(LightningCLI):
         parser.link_arguments("data.placeholder", "model.init_args.placeholder", apply_on="instantiate")
         parser.link_arguments("data.superclass", "model.init_args.superclass", apply_on="instantiate")
 
+    def before_fit(self) -> None:
+        # refuse a run that would train nothing (and export untrained weights as its artifact)
+        for key in ("max_steps", "max_epochs"):
+            if getattr(self.trainer, key) == 0:
+                raise UserError(f"--trainer.{key} 0 trains nothing",
+                                fix=f"set --trainer.{key} to 1 or more (or -1 / leave it unset for no limit)")
+
+
+def check_checkpoint(path) -> None:
+    """A checkpoint to resume from must be a whole one (torch.save writes a zip archive)."""
+    if path is None or str(path) in ("last", "hpc", "best", "registry") or "://" in str(path):
+        return  # resolved by Lightning
+    if not Path(path).is_file():
+        raise MissingFileError(f"--ckpt_path {path}: no such file", fix="pass a checkpoint written by ModelCheckpoint")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"--ckpt_path {path} is empty or truncated ({Path(path).stat().st_size} bytes; a run stopped "
+                        "while writing it?)", fix="resume from an earlier checkpoint of the same folder")
+
+
+def check_arguments(args: list[str]) -> None:
+    """A ``--model`` class path (command line or ``--config`` file) that is not a method is
+    one message listing the methods, not jsonargparse's page of union errors;
+    a ``--ckpt_path`` that is missing, empty or truncated names the file."""
+    from lightning_modules.base import method_class
+
+    paths = []
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if key in ("--model", "--model.class_path") and "." in value and not value.endswith((".yaml", ".yml")):
+            paths.append((f"--model {value}", value))
+        elif key == "--config" and Path(value).is_file():
+            try:
+                config = yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError:
+                continue  # jsonargparse reports it
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict) and isinstance(model.get("class_path"), str):
+                paths.append((f"{value}: model.class_path", model["class_path"]))
+    for where, path in paths:
+        method_class(path, where=where)
+    for i, arg in enumerate(args):  # read by LightningCLI (for its hyperparameters) before anything else
+        key, eq, value = arg.partition("=")
+        if key == "--ckpt_path":
+            check_checkpoint(value if eq else (args[i + 1] if i + 1 < len(args) else None))
+
 
 def main(args=None) -> PersonalizeCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_arguments(sys.argv[1:] if args is None else list(args))
     return PersonalizeCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

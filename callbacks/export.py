@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 class ExportArtifact(L.Callback):
@@ -27,6 +27,10 @@ class ExportArtifact(L.Callback):
         return Path(base) / "artifact"
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:  # the same on every rank
+            rank_zero_warn(f"No optimizer step was taken: the artifact is not written ({self.resolve_dir(trainer)} is "
+                           "left as it was). Train at least one step (max_steps, max_epochs, repeats >= 1).")
+            return
         if trainer.is_global_zero:
             folder = pl_module.save_artifact(self.resolve_dir(trainer))
             rank_zero_info(f"Artifact written to {folder}")

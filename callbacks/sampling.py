@@ -184,6 +184,10 @@ class SamplerValidation(L.Callback):
                 if not failed:
                     rank_zero_warn("SamplerValidation skipped: validation failed on another rank.")
                 return {}
+            # a sampler that failed on any rank is left out on every rank (compute() all-reduces)
+            local["failed"] = {e.name for e in self.entries if _any_rank(e.name in local["failed"], pl_module.device, world)}
+            for name in local["failed"]:
+                local["images"].pop(name, None)
             try:
                 return self._reduce_and_log(trainer, local, world)
             except Exception:  # noqa: BLE001
@@ -251,16 +255,24 @@ class SamplerValidation(L.Callback):
         superclass = self.superclass or pl_module.superclass
         truth = self._truth(trainer)
         pl_module.eval()
-        local = {"cells": len(cells), "rows": len(templates), "mine": mine, "images": {}, "cost": {}}
+        local = {"cells": len(cells), "rows": len(templates), "mine": mine, "images": {}, "cost": {}, "failed": set()}
         for e in self.entries:
             metrics = self._metrics[e.name]
             metrics.to(pl_module.device)
             metrics.set_concept(reference, superclass, truth=truth)  # embeddings cached after the first time
             if not mine:
                 continue
-            with compiled_unet(pl_module.components.unet, self.compile, self._compiled):
-                out = e.sampler.sample_cells(pl_module, [cells[k] for k in mine], seed=self.seed, batch_size=self.batch_size)
-            metrics.update(out.images, out.templates)
+            try:  # each sampler on its own: one that fails does not silence the others
+                with compiled_unet(pl_module.components.unet, self.compile, self._compiled):
+                    out = e.sampler.sample_cells(pl_module, [cells[k] for k in mine], seed=self.seed,
+                                                 batch_size=self.batch_size)
+                metrics.update(out.images, out.templates)
+            except Exception:  # noqa: BLE001 - validation must never end the training run
+                local["failed"].add(e.name)
+                warnings.warn(f"SamplerValidation: sampler {e.name!r} failed on rank {trainer.global_rank} at step "
+                              f"{trainer.global_step}; the other samplers are logged, training goes on.\n"
+                              f"{traceback.format_exc()}", stacklevel=2)
+                continue
             local["images"][e.name] = to_uint8(out.images)  # (n, H, W, 3)
             local["cost"][e.name] = out.cost
         return local
@@ -268,6 +280,8 @@ class SamplerValidation(L.Callback):
     def _reduce_and_log(self, trainer, local: dict, world: int) -> dict[str, float]:
         values: dict[str, float] = {}
         for e in self.entries:  # the same order on every rank: compute() all-reduces
+            if e.name in local.get("failed", ()):
+                continue
             for k, v in self._metrics[e.name].compute().items():
                 values[f"val/{e.name}/{k}"] = v
         gathered = [(local["mine"], local["images"])]

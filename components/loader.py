@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 
 from components.backbones import BACKBONES, Backbone, backbone_for_pipeline
+from components.errors import MissingFileError, UserError
 
 #: preset name -> (backbone name, prediction type)
 PRESETS = {
@@ -128,18 +130,7 @@ def load_components(
     if source in PRESETS:
         backbone, prediction_type = PRESETS[source]
         return load_components(preset_folder(backbone, prediction_type), torch_dtype=torch_dtype)
-    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise FileNotFoundError(
-            f"Model folder {source!r} does not exist. Pass a diffusers pipeline folder "
-            f"(with model_index.json), a hub id such as 'stabilityai/stable-diffusion-2-base', "
-            f"or one of the presets {TINY_PRESETS}."
-        )
-    if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"{source!r} is a folder but not a diffusers pipeline folder: model_index.json is missing. "
-            "Save a model with StableDiffusionPipeline.save_pretrained(folder) or "
-            "DiffusionComponents.save_pretrained(folder)."
-        )
+    check_model_source(source)  # a typo, a non-pipeline folder or an unreachable hub id: a UserError now
     index = read_model_index(source, revision)
     backbone = backbone_for_pipeline(index.get("_class_name", "")).from_model_index(index)
     return backbone.load(source, revision=revision, variant=variant, torch_dtype=torch_dtype)
@@ -152,6 +143,86 @@ def read_model_index(source: str, revision: str | None = None) -> dict:
     from diffusers import DiffusionPipeline
 
     return dict(DiffusionPipeline.load_config(source, revision=revision))
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_model_source(source: str, probe_timeout: float = 3.0) -> str:
+    """Check a base model name in seconds, before anything loads: ``"preset"``, ``"folder"``
+    (a diffusers pipeline folder), ``"hub"`` (a hub id, network reachable) or ``"cached"``
+    (a hub id in the local Hugging Face cache while offline). Anything else is a :class:`UserError` naming the fix: a name that
+    is neither a folder, a preset nor a hub id; a hub id while offline (``HF_HUB_OFFLINE``
+    or no network) that is not in the cache."""
+    source = str(source)
+    if source in TINY_PRESETS:
+        return "preset"
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise MissingFileError(f"{source!r} is not a diffusers pipeline folder: model_index.json is missing",
+                                   fix="save one with StableDiffusionPipeline.save_pretrained(folder), or pass a "
+                                       f"hub id or a preset ({', '.join(TINY_PRESETS)})")
+        return "folder"
+    if not HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise MissingFileError(f"model {source!r} does not exist: it is neither a folder, a preset "
+                               f"({', '.join(TINY_PRESETS)}) nor a hub id (owner/name)",
+                               fix="pass a diffusers pipeline folder, a preset, or a hub id such as "
+                                   "stabilityai/stable-diffusion-2-base")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(source, "model_index.json"), str)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline and _hub_reachable(probe_timeout):
+        return "hub"
+    if cached:
+        return "cached"
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached (no network)"
+    raise UserError(f"model {source!r} is not in the local Hugging Face cache and {why}",
+                    fix="download it where there is network (huggingface-cli download " + source + "), or pass "
+                        "a local diffusers pipeline folder (StableDiffusionPipeline.save_pretrained)")
+
+
+def num_train_timesteps(source: str) -> int | None:
+    """The training timesteps T of a model's scheduler, read from its config file without
+    loading the model (None where the config is not on disk: a hub id not downloaded)."""
+    source = str(source)
+    if source in PRESETS:
+        path = preset_folder(*PRESETS[source]) / "scheduler" / "scheduler_config.json"
+    elif Path(source).expanduser().is_dir():
+        path = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "scheduler_config.json", subfolder="scheduler")
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text()).get("num_train_timesteps", 1000))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{path} is damaged ({err})", fix="save or download the model again") from err
+
+
+def check_num_steps(source: str, num_steps: int, what: str = "num_steps") -> None:
+    """A UserError when a sampler's DDIM steps exceed the model's training timesteps."""
+    total = num_train_timesteps(source)
+    if total is not None and num_steps > total:
+        raise UserError(f"{what}={num_steps} is more than the {total} training timesteps of {source}",
+                        fix=f"choose num_steps of at most {total} (50 is the usual choice)")
+
+
+def _hub_reachable(timeout: float) -> bool:
+    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- presets

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -333,6 +334,12 @@ class ConceptDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        for name, value in (("repeats", repeats), ("batch_size", batch_size), ("resolution", resolution)):
+            if value < 1:
+                raise ConceptDataError(f"data.{name} is {value}: it must be 1 or more (repeats: times each image "
+                                       "appears per epoch; batch_size: images per step; resolution: image size).")
+        if num_class_images < 0 or num_workers < 0:
+            raise ConceptDataError("data.num_class_images and data.num_workers must be 0 or more.")
         if dreambooth_root is not None:
             if subject is None:
                 raise ConceptDataError("dreambooth_root is set but subject is not: name a subject folder, e.g. subject: dog.")
@@ -363,6 +370,10 @@ class ConceptDataModule(L.LightningDataModule):
             raise ConceptDataError("instance_template and class_template need a '{}' slot for the subject, e.g. 'a photo of {}'.")
         if num_class_images > 0 and class_dir is None:
             raise ConceptDataError("num_class_images > 0 needs class_dir: a folder of class images, or where to generate them.")
+        if placeholder.strip().lower() == superclass.strip().lower():
+            warnings.warn(f"The placeholder {placeholder!r} is the superclass word: the concept phrase reads "
+                          f"'{placeholder.strip()} {superclass.strip()}' and cannot tell the concept from its class. Choose a "
+                          "rare identifier, e.g. placeholder: sks.", stacklevel=2)
         self.concept_dir = concept_dir
         self.placeholder = placeholder.strip()
         self.superclass = superclass.strip()

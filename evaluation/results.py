@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 
+from components.linefile import complete_lines, damaged, drop_torn_tail
+
 COLUMNS = [
     "subject", "sampler", "curve", "setting", "clip_i", "clip_t", "dino",
     "unet_evals_per_image", "max_unet_batch", "num_images", "seconds", "settings", "key", "identity", "prompt",
@@ -29,17 +31,28 @@ def cell_key(subject: str, sampler: str, settings_json: str) -> str:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    if not path.exists():
+    """The finished rows of a results file. An unfinished last line (a run killed or a disk
+    full while appending) is dropped with a warning and its cell runs again; a damaged line
+    elsewhere is a UserError naming the file and the line."""
+    lines = complete_lines(path, what="cell")
+    if not lines:
         return []
-    with path.open(newline="") as f:
-        rows = []
-        for row in csv.DictReader(f):
-            if not row.get("key") or any(row.get(c) is None for c in COLUMNS if c not in OPTIONAL):
-                continue  # a row cut short by a stopped run: that cell runs again
+    header = next(csv.reader([lines[0][1]]))
+    rows = []
+    for number, line in lines[1:]:
+        try:
+            values = next(csv.reader([line]))
+            if len(values) != len(header):
+                raise ValueError(f"{len(values)} fields, the header has {len(header)}")
+            row = dict(zip(header, values))
+            if not row.get("key") or any(c not in row for c in COLUMNS if c not in OPTIONAL):
+                raise ValueError("a column is missing")
             for c in NUMERIC:
                 row[c] = float(row[c]) if row.get(c) not in (None, "", "nan") else math.nan
-            rows.append(row)
-        return rows
+        except (ValueError, csv.Error) as err:
+            raise damaged(path, number, err, what="cell") from err
+        rows.append(row)
+    return rows
 
 
 class ResultStore:
@@ -65,7 +78,8 @@ class ResultStore:
         """Write one finished cell to this rank's part file, flushed to disk."""
         self.parts.mkdir(parents=True, exist_ok=True)
         path = self.parts / f"rank{rank}.csv"
-        new = not path.exists()
+        drop_torn_tail(path)  # the row starts on a line of its own
+        new = not path.exists() or path.stat().st_size == 0
         with path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             if new:

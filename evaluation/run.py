@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import yaml
 
+from components.errors import UserError
 from components.loader import cache_dir
 from evaluation.pareto import plot_pareto, summarize
 from evaluation.results import COLUMNS, ResultStore, cell_key
@@ -86,6 +87,15 @@ class EvalConfig:
     unet_batch: int = 32
     compile: bool | str | dict = False
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # settings that would only fail after the models load (or divide by zero), checked now
+        for key in ("num_images", "batch_size", "unet_batch", "devices", "num_nodes"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} is {getattr(self, key)}: it must be 1 or more",
+                                fix=f"--{key.replace('_', '-')} 1 (or more)")
+        if self.num_prompts < 0:
+            raise UserError(f"num_prompts is {self.num_prompts}", fix="--num-prompts 0 (all prompts) or more")
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **overrides) -> "EvalConfig":
@@ -275,9 +285,11 @@ def _grid_path(output: Path, subject: str, point: SweepPoint) -> Path:
 
 
 def _check_identity(output: Path, cfg: EvalConfig) -> None:
+    """Refuse an output folder holding results of another evaluation. A folder without
+    results is free, whatever its run.json says (a run that failed before its first cell)."""
     path = output / "run.json"
     ident = cfg.identity()
-    if path.exists():
+    if path.exists() and ResultStore(output).rows():
         old = json.loads(path.read_text())
         if old != json.loads(json.dumps(ident)):
             diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
@@ -287,7 +299,9 @@ def _check_identity(output: Path, cfg: EvalConfig) -> None:
             )
     else:
         output.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(ident, indent=2))
+        tmp = path.with_name("run.json.tmp")
+        tmp.write_text(json.dumps(ident, indent=2))
+        tmp.replace(path)
 
 
 def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[str], None] = print) -> list[dict]:

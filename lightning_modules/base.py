@@ -29,16 +29,19 @@ import importlib
 import inspect
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+import safetensors
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from components.conditioning import Cond, cat
-from components.loader import DiffusionComponents, as_dtype, load_components
+from components.errors import MissingFileError, UserError
+from components.loader import DiffusionComponents, as_dtype, check_model_source, load_components
 from components.personalized import fill, tokenize
 
 ARTIFACT_MANIFEST = "personalize.json"
@@ -117,7 +120,13 @@ class PersonalizationModule(L.LightningModule):
 
         compile_options(compile)  # a bad value fails now, not at the first step
         if frozen_dtype not in _DTYPES:
-            raise ValueError(f"frozen_dtype={frozen_dtype!r}: choose one of {sorted(_DTYPES)}.")
+            raise UserError(f"frozen_dtype={frozen_dtype!r} is not a dtype here", fix=f"choose one of {sorted(_DTYPES)}")
+        # settings that would only fail after the model loads, checked before it does
+        for key, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay),
+                           ("lr_warmup_steps", lr_warmup_steps), ("prior_loss_weight", prior_loss_weight)):
+            if value is not None and value < 0:
+                raise UserError(f"model.{key} is {value}: it cannot be negative", fix=f"set model.{key} to 0 or more")
+        check_model_source(pretrained_model)  # a typo or an unreachable hub id fails now, in seconds
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.strict_loading = False  # checkpoints hold only what trains (see on_save_checkpoint)
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -389,9 +398,28 @@ class PersonalizationModule(L.LightningModule):
     # ------------------------------------------------------------------ artifacts
 
     def save_artifact(self, folder: str | os.PathLike) -> Path:
-        """Write only what was trained, plus ``personalize.json`` naming the method."""
+        """Write only what was trained, plus ``personalize.json`` naming the method.
+
+        Atomic: the files go to a temporary folder beside ``folder``, renamed into place when
+        complete, so a crash never leaves half an artifact (an artifact already there is
+        replaced only then)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self._write_artifact(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+        return folder
+
+    def _write_artifact(self, folder: Path) -> None:
         self.save_artifact_files(folder)
         manifest = {
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
@@ -402,7 +430,6 @@ class PersonalizationModule(L.LightningModule):
             "init_args": self.artifact_init_args(),
         }
         (folder / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        return folder
 
     #: method arguments about how to compute, not what the model is (left out of artifacts)
     runtime_args: tuple[str, ...] = ()
@@ -416,20 +443,68 @@ class PersonalizationModule(L.LightningModule):
     def load_artifact(self, folder: str | os.PathLike) -> "PersonalizationModule":
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"Artifact folder {folder} does not exist.")
-        self.load_artifact_files(folder)
+            raise MissingFileError(f"artifact folder {folder} does not exist",
+                                   fix="pass the folder ExportArtifact wrote (personalize.json inside)")
+        try:
+            self.load_artifact_files(folder)
+        except (OSError, EOFError, KeyError, safetensors.SafetensorError) as err:  # missing, truncated, foreign files
+            raise UserError(f"artifact {folder} is damaged or incomplete ({type(err).__name__}: {err})",
+                            fix="export the artifact again (ExportArtifact, or module.save_artifact)") from err
         self._text_cache.clear()
         return self
 
 
 def read_artifact_manifest(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / ARTIFACT_MANIFEST
+    """The artifact's ``personalize.json``, checked: every problem is a :class:`UserError`
+    naming the file (a folder that is not an artifact, a damaged or foreign manifest, a
+    method that does not take its arguments)."""
+    folder = Path(folder)
+    path = folder / ARTIFACT_MANIFEST
+    if not folder.is_dir():
+        raise MissingFileError(f"artifact folder {folder} does not exist",
+                               fix="pass the folder ExportArtifact wrote (personalize.json inside)")
     if not path.exists():
-        raise FileNotFoundError(
-            f"{folder} is not an artifact folder: {ARTIFACT_MANIFEST} is missing. Artifacts are written by "
-            "ExportArtifact at the end of training, or by module.save_artifact(folder)."
-        )
-    return json.loads(path.read_text())
+        raise MissingFileError(f"{folder} is not an artifact folder: {ARTIFACT_MANIFEST} is missing",
+                               fix="pass a folder written by ExportArtifact at the end of training, or by "
+                                   "module.save_artifact(folder)")
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise UserError(f"{path} is damaged ({err})", fix="export the artifact again") from err
+    missing = [k for k in ("method", "pretrained_model", "placeholder", "superclass") if k not in manifest]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}", fix="export the artifact again")
+    cls = method_class(manifest["method"], where=str(path))
+    # the arguments the class takes: its __init__'s and, through **kwargs, its bases'
+    params = {name for klass in cls.__mro__ if issubclass(klass, PersonalizationModule)
+              for name in inspect.signature(klass.__init__).parameters}
+    if not isinstance(manifest.get("init_args") or {}, dict):
+        raise UserError(f"{path}: init_args is not a mapping", fix="export the artifact again")
+    unknown = sorted(set(manifest.get("init_args") or {}) - params)
+    if unknown:
+        raise UserError(f"{path}: {cls.__name__} takes no argument {', '.join(unknown)} (the artifact was made by "
+                        "another version or another method)", fix="export the artifact again with this version")
+    return manifest
+
+
+def method_class(path: str, where: str = "method") -> type:
+    """The fine-tuning method class named by ``path`` (``lightning_modules.DreamBooth``);
+    a UserError listing the methods if it is not one."""
+    import lightning_modules
+
+    known = [n for n in lightning_modules.__all__ if isinstance(getattr(lightning_modules, n), type)
+             and issubclass(getattr(lightning_modules, n), PersonalizationModule) and n != "PersonalizationModule"]
+    module_name, _, cls_name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "lightning_modules"), cls_name)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, PersonalizationModule)):
+        raise UserError(f"{where}: {path!r} is not a fine-tuning method",
+                        fix="use one of " + ", ".join(f"lightning_modules.{n}" for n in known))
+    return cls
 
 
 def load_personalized(base_source: str | None = None, artifact: str | os.PathLike | None = None,
@@ -453,8 +528,7 @@ def load_personalized(base_source: str | None = None, artifact: str | os.PathLik
         components = load_components(base_source)
         return BaseModel(components.to(dtype=as_dtype(dtype)) if dtype is not None else components, **kw)
     manifest = read_artifact_manifest(artifact)
-    module_name, _, cls_name = manifest["method"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = method_class(manifest["method"])
     kwargs = dict(manifest.get("init_args", {}))
     kwargs.update(pretrained_model=base_source or manifest["pretrained_model"],
                   placeholder=manifest["placeholder"], superclass=manifest["superclass"])

@@ -147,8 +147,8 @@ class _Messy:
 def test_csv_tensorboard_and_failure_keep_training_identical(tmp_path, reference_run):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    cb = SamplerValidation(samplers=SAMPLERS[:1], every_n_steps=2, **TINY)
-    cb.entries[0].sampler = _Messy(cb.entries[0].sampler)
+    cb = SamplerValidation(samplers=SAMPLERS, every_n_steps=2, **TINY)
+    cb.entries[0].sampler = _Messy(cb.entries[0].sampler)  # concept fails at step 2; mixed works
     loggers = [CSVLogger(str(tmp_path), name="csv"), TensorBoardLogger(str(tmp_path), name="tb")]
     with pytest.warns(UserWarning, match="sampler exploded"):
         rec, trainer = _fit(tmp_path, [cb], loggers)
@@ -161,8 +161,11 @@ def test_csv_tensorboard_and_failure_keep_training_identical(tmp_path, reference
     rows = list(csv.DictReader(open(Path(loggers[0].log_dir) / "metrics.csv")))
     logged = [(int(r["step"]), float(r["val/concept/clip_t"])) for r in rows if r.get("val/concept/clip_t")]
     assert [s for s, _ in logged] == [4]  # nothing logged for the failed round
+    # the sampler that worked is logged at both rounds: each sampler's validation is isolated
+    assert [int(r["step"]) for r in rows if r.get("val/mixed/clip_t")] == [2, 4]
     pngs = sorted(Path(trainer.log_dir).glob("images/val_concept_grid_step*.png"))
     assert [p.name for p in pngs] == ["val_concept_grid_step000004.png"]
+    assert len(list(Path(trainer.log_dir).glob("images/val_mixed_grid_step*.png"))) == 2
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
