@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from components.errors import UserError
+from components.pixels import to_rgb
 from datamodules.prompts import dreambooth_prompts, prompt_set_for_class, read_dreambooth_classes, read_prompt_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -80,7 +81,7 @@ def load_concept_folder(folder: str | Path, min_size: int = 0, require_masks: bo
         )
     out = []
     for path in images:
-        image = _open(path).convert("RGB")
+        image = to_rgb(_open(path))
         if min(image.size) < min_size:
             raise ConceptDataError(
                 f"Image {path} is {image.size[0]}x{image.size[1]}, smaller than the training resolution {min_size} on its "
@@ -88,7 +89,7 @@ def load_concept_folder(folder: str | Path, min_size: int = 0, require_masks: bo
             )
         mask = None
         if path.stem in masks:
-            mask = _open(masks[path.stem]).convert("L")
+            mask = to_rgb(_open(masks[path.stem])).convert("L")
             if mask.size != image.size:
                 raise ConceptDataError(
                     f"Mask {masks[path.stem]} is {mask.size[0]}x{mask.size[1]} but its image {path} is "

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from components.pixels import to_rgb
 from metrics.backbones import ImageBackbone
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -40,7 +41,7 @@ def load_images(folder: str | os.PathLike) -> list[torch.Tensor]:
     out = []
     for path in image_files(folder):
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+            arr = np.asarray(to_rgb(im), dtype=np.uint8)  # (H, W, 3)
         out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255)
     return out
 

@@ -1,0 +1,37 @@
+"""PIL images of any mode as 8-bit RGB (what every image reader here hands on).
+
+``Image.convert("RGB")`` clips instead of scaling: a 16-bit grey PNG (``I;16``) becomes
+white, a float image (``F``) in [0, 1] black, and transparent pixels keep whatever colour
+hides under them. :func:`to_rgb` maps each mode to the 8-bit RGB a viewer shows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a PIL image of any mode, its values scaled, never clipped:
+    16-bit grey (``I;16*``: /257), 32-bit integer grey (``I``: 16-bit range /257, or its own
+    maximum beyond that), float grey (``F``: [0, 1] or [0, 255], else its own maximum),
+    CMYK, palette and greyscale. Transparency (``RGBA``, ``LA``, ``PA``, a palette or
+    grey image with a transparent colour) is composited onto white, as the image is seen.
+    16-bit RGB PNGs already open as 8-bit ``RGB``."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max(initial=0.0)
+        if mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0 if top <= 255.0 else 255.0 / top
+        else:
+            scale = 1.0 / 257.0 if top <= 65535 else 255.0 / top
+            if mode == "I" and top <= 255:
+                scale = 1.0  # an 8-bit grey image that was stored as I
+        grey = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
