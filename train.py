@@ -71,11 +71,25 @@ def check_arguments(args: list[str]) -> None:
             if isinstance(model, dict) and isinstance(model.get("class_path"), str):
                 paths.append((f"{value}: model.class_path", model["class_path"]))
     for where, path in paths:
-        method_class(path, where=where)
+        if not _is_lightning_module(path):  # any LightningModule trains here; else name the methods
+            method_class(path, where=where)
     for i, arg in enumerate(args):  # read by LightningCLI (for its hyperparameters) before anything else
         key, eq, value = arg.partition("=")
         if key == "--ckpt_path":
             check_checkpoint(value if eq else (args[i + 1] if i + 1 < len(args) else None))
+
+
+def _is_lightning_module(path: str) -> bool:
+    import importlib
+
+    import lightning as L
+
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, L.LightningModule)
 
 
 def main(args=None) -> PersonalizeCLI:

@@ -41,7 +41,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from components.conditioning import Cond, cat
 from components.errors import MissingFileError, UserError
-from components.loader import DiffusionComponents, as_dtype, check_model_source, load_components
+from components.loader import DiffusionComponents, as_dtype, load_components
 from components.personalized import fill, tokenize
 
 ARTIFACT_MANIFEST = "personalize.json"
@@ -126,7 +126,6 @@ class PersonalizationModule(L.LightningModule):
                            ("lr_warmup_steps", lr_warmup_steps), ("prior_loss_weight", prior_loss_weight)):
             if value is not None and value < 0:
                 raise UserError(f"model.{key} is {value}: it cannot be negative", fix=f"set model.{key} to 0 or more")
-        check_model_source(pretrained_model)  # a typo or an unreachable hub id fails now, in seconds
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.strict_loading = False  # checkpoints hold only what trains (see on_save_checkpoint)
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
