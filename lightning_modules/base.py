@@ -437,7 +437,10 @@ class PersonalizationModule(L.LightningModule):
         """Constructor arguments needed to rebuild the module before loading its files:
         the method's own arguments (every one beyond the base's), from ``self.hparams``."""
         base = set(inspect.signature(PersonalizationModule.__init__).parameters)
-        return {k: v for k, v in self.hparams.items() if k not in base and k not in self.runtime_args}
+        # keys starting with "_" are what LightningCLI records about how it built the module
+        # (``_class_path``, ``_instantiator``), not arguments of the method
+        return {k: v for k, v in self.hparams.items()
+                if k not in base and k not in self.runtime_args and not k.startswith("_")}
 
     def load_artifact(self, folder: str | os.PathLike) -> "PersonalizationModule":
         folder = Path(folder)
@@ -481,7 +484,9 @@ def read_artifact_manifest(folder: str | os.PathLike) -> dict:
               for name in inspect.signature(klass.__init__).parameters}
     if not isinstance(manifest.get("init_args") or {}, dict):
         raise UserError(f"{path}: init_args is not a mapping", fix="export the artifact again")
-    unknown = sorted(set(manifest.get("init_args") or {}) - params)
+    # artifacts written before the fix above may hold LightningCLI's "_class_path"/"_instantiator"
+    manifest["init_args"] = {k: v for k, v in (manifest.get("init_args") or {}).items() if not k.startswith("_")}
+    unknown = sorted(set(manifest["init_args"]) - params)
     if unknown:
         raise UserError(f"{path}: {cls.__name__} takes no argument {', '.join(unknown)} (the artifact was made by "
                         "another version or another method)", fix="export the artifact again with this version")

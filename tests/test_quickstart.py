@@ -3,6 +3,7 @@ curve and a non-blank image grid, a checkpoint, and the exported artifact."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +53,11 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
     assert all(k.startswith("unet.") for k in ckpt["state_dict"])
     assert (out / "artifact" / "personalize.json").exists()
     assert (out / "artifact" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    # the artifact of a LightningCLI run loads (LightningCLI's "_class_path"/"_instantiator"
+    # hyperparameters are not method arguments and stay out of it)
+    init_args = json.loads((out / "artifact" / "personalize.json").read_text())["init_args"]
+    assert not [k for k in init_args if k.startswith("_")], init_args
+    from lightning_modules import load_personalized
+
+    model = load_personalized(str(ROOT / "miniworld" / "pretrained" / "sd"), out / "artifact")
+    assert model.concept_phrase
