@@ -313,6 +313,27 @@ def concept_token_positions(tokenizer, template: str, concept_phrase: str, super
     return positions or list(range(start, start + len(phrase)))
 
 
+def superclass_token_positions(tokenizer, template: str, superclass: str) -> list[int]:
+    """Positions of the superclass word's token(s) in the filled superclass prompt.
+
+    The sampling study's code takes the superclass branch's map at the position of the
+    identifier in the concept prompt, which is where the superclass word sits in the
+    superclass prompt when the phrase is "<identifier> <superclass>" (one-token
+    superclasses: the same position).
+    """
+    prefix = " ".join(template.split("{}")[0].split())
+    n_prefix = len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0
+    word = tokenizer(superclass, add_special_tokens=False).input_ids
+    ids = token_ids(tokenizer, fill(template, superclass))
+    start = n_prefix + _leading_special_tokens(tokenizer)
+    if not word or ids[start : start + len(word)] != word:
+        raise ValueError(
+            f"could not locate the superclass {superclass!r} in the tokens of template {template!r}; "
+            f"is the prompt longer than the tokenizer's {tokenizer.model_max_length} tokens?"
+        )
+    return list(range(start, start + len(word)))
+
+
 def _leading_special_tokens(tokenizer) -> int:
     """How many special tokens the tokenizer puts before the text (CLIP: 1, T5: 0)."""
     plain = tokenizer("a", add_special_tokens=False).input_ids
@@ -322,8 +343,22 @@ def _leading_special_tokens(tokenizer) -> int:
 
 def concept_token_weights(tokenizer, templates: Sequence[str], concept_phrase: str, superclass: str) -> torch.Tensor:
     """(B, S) weights, 1/n at each cell's n concept token positions."""
-    weights = torch.zeros(len(templates), tokenizer.model_max_length)
-    for b, template in enumerate(templates):
-        positions = concept_token_positions(tokenizer, template, concept_phrase, superclass)
-        weights[b, positions] = 1.0 / len(positions)
+    return position_weights(
+        tokenizer.model_max_length,
+        [concept_token_positions(tokenizer, t, concept_phrase, superclass) for t in templates],
+    )
+
+
+def superclass_token_weights(tokenizer, templates: Sequence[str], superclass: str) -> torch.Tensor:
+    """(B, S) weights, 1/n at each cell's n superclass-word positions of the superclass prompt."""
+    return position_weights(
+        tokenizer.model_max_length, [superclass_token_positions(tokenizer, t, superclass) for t in templates]
+    )
+
+
+def position_weights(length: int, positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, length) weights, 1/n at each row's n positions."""
+    weights = torch.zeros(len(positions), length)
+    for b, pos in enumerate(positions):
+        weights[b, list(pos)] = 1.0 / len(pos)
     return weights

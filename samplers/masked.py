@@ -6,10 +6,18 @@ concept mask M_t of the current UNet call,
     inside M:   u + ω_c(c − u) + ω_s(s − u)        (eq. 10, concept region)
     outside M:  u + (ω_c + ω_s)(s − u)             (eq. 10, context region)
 
-M_t = map > its per-image q-quantile, where map is the concept token's cross-attention
-map of the concept branch (softmax(QKᵀ/√d) averaged over heads, upsampled to the latent
-size, averaged over all cross-attention layers). Larger q: a smaller concept region,
-more superclass influence. UNet batch 3.
+M_t = map > its per-image q-quantile, where map is a cross-attention map
+(softmax(QKᵀ/√d) averaged over heads, upsampled to the latent size, averaged over all
+cross-attention layers) chosen by ``mask_from``:
+
+* ``concept`` (default, the paper's text): the concept branch's map at the concept
+  token(s) of the concept prompt ("sks" of "a sks dog");
+* ``superclass`` (the study's official code, which produced its figures): the
+  superclass branch's map at the superclass word of the superclass prompt ("dog" of
+  "a dog"; the code reads branch 2 at the identifier's position, which is where the
+  superclass word sits in the superclass prompt).
+
+Larger q: a smaller concept region, more superclass influence. UNet batch 3.
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ from contextlib import contextmanager
 
 import torch
 
-from samplers.attention import ConceptMapStore, attention_control, concept_token_weights
+from samplers.attention import ConceptMapStore, attention_control, concept_token_weights, superclass_token_weights
 from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Sampler, Scale, mixed_key, scale_at
 from samplers.registry import register
+
+#: mask_from -> the branch (of u, c, s) whose cross-attention map makes the mask
+MASK_SOURCES = {"concept": 1, "superclass": 2}
 
 
 @register
@@ -36,8 +47,11 @@ class MaskedSampler(Sampler):
         guidance_concept_0: Scale = 0.0,
         guidance_superclass_0: Scale = 7.0,
         q: float = 0.7,
+        mask_from: str = "concept",
     ):
-        """``guidance_*_0`` are ω⁰_c, ω⁰_s of the first t_sw (mixed) steps; q the mask quantile."""
+        """``guidance_*_0`` are ω⁰_c, ω⁰_s of the first t_sw (mixed) steps; q the mask quantile;
+        ``mask_from`` the branch whose cross-attention map makes the mask (``concept`` or
+        ``superclass``)."""
         super().__init__(num_steps)
         self.guidance_concept = self.check_scale("guidance_concept", guidance_concept)
         self.guidance_superclass = self.check_scale("guidance_superclass", guidance_superclass)
@@ -45,14 +59,19 @@ class MaskedSampler(Sampler):
         self.guidance_concept_0 = self.check_scale("guidance_concept_0", guidance_concept_0)
         self.guidance_superclass_0 = self.check_scale("guidance_superclass_0", guidance_superclass_0)
         self.q = self.check_fraction("q", q)
+        if mask_from not in MASK_SOURCES:
+            raise ValueError(f"{self.name}: mask_from={mask_from!r}; choose one of {', '.join(MASK_SOURCES)}")
+        self.mask_from = mask_from
 
     @contextmanager
     def attention(self, run: Run):
-        model = run.model
-        weights = concept_token_weights(
-            run.components.tokenizer, [t for t, _ in run.cells], model.concept_phrase, model.superclass
-        )  # (B, S)
-        store = ConceptMapStore(weights, run.latent_shape[1:], branch=1, n_branches=3)  # branches u, c, s
+        model, templates = run.model, [t for t, _ in run.cells]
+        if self.mask_from == "concept":  # the concept tokens of the concept branch (branch 1 of u, c, s)
+            weights = concept_token_weights(run.components.tokenizer, templates, model.concept_phrase, model.superclass)
+        else:  # the superclass word of the superclass branch (branch 2)
+            weights = superclass_token_weights(run.components.tokenizer, templates, model.superclass)
+        branch = MASK_SOURCES[self.mask_from]
+        store = ConceptMapStore(weights, run.latent_shape[1:], branch=branch, n_branches=3)  # (B, S) weights
         with attention_control(run.unet, store):
             run.state["maps"] = store
             yield store
@@ -83,4 +102,5 @@ class MaskedSampler(Sampler):
     def step_key(self, i: int):
         if i < self.t_sw:
             return mixed_key(scale_at(self.guidance_concept_0, i), scale_at(self.guidance_superclass_0, i))
-        return ("masked", scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i), self.q)
+        return ("masked", scale_at(self.guidance_concept, i), scale_at(self.guidance_superclass, i), self.q,
+                self.mask_from)

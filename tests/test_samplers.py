@@ -237,5 +237,5 @@ def test_configs_hold_the_study_defaults():
         assert build_sampler(name, **settings).settings() == SAMPLERS[name]().settings()  # defaults == YAML
     assert load_sampler_config(folder / "masked.yaml")[1] == dict(
         num_steps=50, guidance_concept=3.5, guidance_superclass=3.5, t_sw=3,
-        guidance_concept_0=0.0, guidance_superclass_0=7.0, q=0.7,
+        guidance_concept_0=0.0, guidance_superclass_0=7.0, q=0.7, mask_from="concept",
     )
