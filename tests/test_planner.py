@@ -46,7 +46,8 @@ def test_every_sampler_equals_its_unshared_run(model):
     equals ``sample_cells`` to 1e-5, and the plan computes fewer rows than it was asked for."""
     samplers = [short(name) for name in SAMPLERS]
     samplers += [short("switching", t_sw=2), short("masked", t_sw=1, q=0.3),
-                 short("masked", t_sw=1, mask_from="superclass"), short("mixed", guidance_concept=0.0, guidance_superclass=7.0),
+                 short("masked", t_sw=1, mask_from="superclass"),
+                 short("profusion", refine_steps=2), short("profusion", refine_seed=10, refine_images=2), short("mixed", guidance_concept=0.0, guidance_superclass=7.0),
                  short("photoswap", t_sf=1, t_cm=1, t_sm=2)]
     planner = SweepPlanner(unet_batch=7)
     planned = planner.sample(model, [(s, CELLS) for s in samplers], seed=0, batch_size=2)

@@ -148,6 +148,65 @@ def test_masked_mask_from_is_checked():
         build_sampler("masked", mask_from="identifier")
 
 
+# --------------------------------------------------------------------------- ProFusion
+
+
+@torch.no_grad()
+def profusion_reference(ref: Reference, refine_steps, refine_seed=None, refine_images=10, seed=0,
+                        r=1.0, w_ref=7.0, w_c=3.5, w_s=3.5):
+    """The study's ProFusion pipeline: refine_steps fusion steps with the DDIM variance of
+    the scheduler (η = r), then the mixed step; noise per image (its own generator, drawn
+    in order) or the inference script's one draw per prompt."""
+    from samplers.seeding import cell_seed
+
+    steps = len(ref.sched.timesteps)
+    if refine_seed is None:
+        gens = [torch.Generator().manual_seed(cell_seed(t, i, seed, "profusion")) for t, i in ref.cells]
+        noise = lambda k, i: torch.stack([torch.randn(ref.x_T.shape[1:], generator=g) for g in gens])  # noqa: E731
+    else:
+        per_prompt = {}
+        for t, _ in ref.cells:
+            g = torch.Generator().manual_seed(sum(ord(ch) for ch in t.replace("{}", "{0}")) + seed + refine_seed)
+            per_prompt[t] = torch.randn((refine_steps, steps, refine_images, *ref.x_T.shape[1:]), generator=g)
+        noise = lambda k, i: torch.stack([per_prompt[t][k, i, j] for t, j in ref.cells])  # noqa: E731
+    z = ref.x_T
+    for i, t in enumerate(ref.sched.timesteps):
+        a_t, a_prev = ref.alphas(t)
+        prev_t = int(t) - ref.sched.config.num_train_timesteps // ref.sched.num_inference_steps
+        sigma = r * float(ref.sched._get_variance(int(t), prev_t)) ** 0.5
+        for k in range(refine_steps):
+            u, c = ref.eps(z, t, ref.u, ref.c)
+            eps = u + w_ref * (c - u)
+            z = (z - eps * sigma**2 * math.sqrt(1 - a_t) / (1 - a_prev)
+                 + sigma * noise(k, i) * math.sqrt((1 - a_t) * (2 - 2 * a_prev - sigma**2)) / (1 - a_prev))
+        u, c, s = ref.eps(z, t, ref.u, ref.c, ref.s)
+        z = ref.sched.step(u + w_c * (c - u) + w_s * (s - u), t, z).prev_sample
+    return z
+
+
+@pytest.mark.parametrize("refine_steps, refine_seed", [(1, None), (2, None), (2, 10), (0, None)])
+def test_profusion_refine_steps_and_seed_match_the_reference(model, ref_factory, refine_steps, refine_seed):
+    settings = dict(refine_steps=refine_steps) if refine_seed is None else dict(
+        refine_steps=refine_steps, refine_seed=refine_seed, refine_images=3)
+    sampler = build_sampler("profusion", num_steps=STEPS, **settings)
+    ours = project_latents(sampler, model)
+    ref = profusion_reference(ref_factory(), refine_steps, refine_seed, refine_images=3)
+    assert (ours - ref).abs().max() <= 5e-5
+    if refine_steps == 2:  # the variants are distinguishable: one fusion step less, or the other noise
+        assert (profusion_reference(ref_factory(), 1, refine_seed, refine_images=3) - ref).abs().max() > 1e-3
+        other = 10 if refine_seed is None else None
+        assert (profusion_reference(ref_factory(), 2, other, refine_images=3) - ref).abs().max() > 1e-3
+
+
+def test_profusion_refine_settings_are_checked(model):
+    for bad in (dict(refine_steps=-1), dict(refine_steps=1.5), dict(refine_seed="10"), dict(refine_images=0)):
+        with pytest.raises(ValueError, match="profusion: refine_"):
+            build_sampler("profusion", **bad)
+    sampler = build_sampler("profusion", num_steps=2, refine_seed=10, refine_images=1)
+    with pytest.raises(ValueError, match="refine_images > 1"):
+        project_latents(sampler, model, cells=[("a {}", 1)])
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -165,5 +224,6 @@ def test_study_configs_expand(name):
     by_sampler = {}
     for p in points:
         by_sampler.setdefault(p.sampler, []).append(p.settings)
-    masked = by_sampler["masked"]
-    assert {s["mask_from"] for s in masked} == {"superclass" if name.endswith("official") else "concept"}
+    official = name.endswith("official")
+    assert {s["mask_from"] for s in by_sampler["masked"]} == {"superclass" if official else "concept"}
+    assert {s["refine_seed"] for s in by_sampler["profusion"]} == {10 if official else None}
