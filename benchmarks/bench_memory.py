@@ -8,8 +8,11 @@ builds it (its ``configure_model``), on components with the real architectures
 (SD-XL base 1.0, PixArt-XL-2-512x512, SD2-base; configs below) on PyTorch's meta device,
 so nothing is allocated or downloaded. Reported per method, in GiB:
 
-- ``weights``: frozen parameters in ``frozen_dtype`` (bf16) + trainable ones in fp32 +
-  the method's buffers (SVDiff: its U, σ, Vᵀ);
+- ``weights``: every parameter and buffer in the dtype the method leaves it in with
+  ``frozen_dtype: bf16`` (counted, not assumed): frozen modules bf16; frozen weights of
+  partly trained modules bf16 where the method allows it (LoRA/OFT/BOFT, SVDiff, whose
+  U, Vᵀ are bf16 too and σ fp32), fp32 otherwise (DreamBooth q/k/v, Custom Diffusion);
+  trainable parameters fp32;
 - ``grads+adam``: fp32 gradients and AdamW's two moments of the trainable parameters;
 - ``activations``: bytes autograd saves in one denoiser forward at batch 1 and the
   training resolution (bf16 compute, as ``bf16-mixed``), counted with
@@ -160,10 +163,8 @@ def estimate(backbone: str, methods: list[str]) -> list[dict]:
             if not checkpointing:
                 params = list(module.parameters())
                 trainable = sum(p.numel() for p in params if p.requires_grad)
-                frozen = sum(p.numel() for p in params if not p.requires_grad)
-                buffers = sum(b.numel() * b.element_size() for b in module.buffers())
-                row.update(trainable_params=trainable, weights=(frozen * 2 + trainable * 4 + buffers) / GIB,
-                           grads_adam=trainable * 12 / GIB)
+                weights = sum(t.numel() * t.element_size() for t in [*params, *module.buffers()])
+                row.update(trainable_params=trainable, weights=weights / GIB, grads_adam=trainable * 12 / GIB)
             key = "activations_ckpt" if checkpointing else "activations"
             row[key] = saved_activation_bytes(module, resolution) / GIB
         if "weights" in row and "activations_ckpt" in row:

@@ -79,9 +79,10 @@ class PersonalizationModule(L.LightningModule):
         masked_loss: weight the instance loss by the subject mask (``‖M⊙(ε̂−ε)‖²``).
         cache_latents: cache VAE latent distributions of deterministic images.
         cache_text: cache prompt embeddings while nothing on the text side trains.
-        frozen_dtype: dtype of fully frozen modules (``fp32``, ``bf16``, ``fp16``);
-            trainable parameters always stay fp32 (use ``Trainer(precision=...)`` for
-            mixed precision compute).
+        frozen_dtype: dtype of fully frozen modules (``fp32``, ``bf16``, ``fp16``), and
+            of the frozen weights in partly trained ones where the method allows it
+            (LoRA, SVDiff: ``casts_partly_trained``); trainable parameters always stay
+            fp32 (use ``Trainer(precision=...)`` for mixed precision compute).
         gradient_checkpointing: trade compute for memory in the UNet (and the text
             encoder when it trains).
         compile: ``torch.compile`` the UNet (``components.compile``: true, a mode such
@@ -261,10 +262,20 @@ class PersonalizationModule(L.LightningModule):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    #: whether the method's layers run frozen weights in ``frozen_dtype`` next to fp32
+    #: trained ones inside one module (peft's LoRA casts the input to its adapter's dtype
+    #: and back; SVDiff adds its shift in the weight's dtype). Then the frozen parameters
+    #: of partly trained modules follow ``frozen_dtype`` too, as diffusers' SD-XL LoRA
+    #: script does; otherwise a partly trained module stays fp32.
+    casts_partly_trained: bool = False
+
     def _cast_frozen(self, dtype: torch.dtype) -> None:
         for m in self.model_parts().values():
-            if m.dtype != dtype and not any(p.requires_grad for p in m.parameters()):
-                m.to(dtype=dtype)
+            if not any(p.requires_grad for p in m.parameters()):
+                if m.dtype != dtype:
+                    m.to(dtype=dtype)
+            elif self.casts_partly_trained:
+                cast_frozen_tensors(m, dtype)
 
     # ------------------------------------------------------------------ the loss
 
@@ -454,6 +465,20 @@ class PersonalizationModule(L.LightningModule):
                             fix="export the artifact again (ExportArtifact, or module.save_artifact)") from err
         self._text_cache.clear()
         return self
+
+
+def cast_frozen_tensors(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen floating-point parameters and buffers of ``module`` to ``dtype``; trained
+    parameters stay as they are, and so do the buffers a submodule names in
+    ``keep_fp32_buffers`` (SVDiff's σ, read with the fp32 shifts)."""
+    for sub in module.modules():
+        for p in sub._parameters.values():
+            if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        keep = getattr(sub, "keep_fp32_buffers", ())
+        for name, b in sub._buffers.items():
+            if b is not None and name not in keep and b.is_floating_point() and b.dtype != dtype:
+                sub._buffers[name] = b.to(dtype)
 
 
 def read_artifact_manifest(folder: str | os.PathLike) -> dict:

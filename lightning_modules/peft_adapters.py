@@ -48,6 +48,10 @@ class PeftAdapter(PersonalizationModule):
         **kwargs: see :class:`~lightning_modules.base.PersonalizationModule`.
     """
 
+    #: peft's adapter layers cast the input to the adapter's dtype and the result back,
+    #: so the frozen base weights follow frozen_dtype while the adapters stay fp32
+    casts_partly_trained = True
+
     def __init__(self, *args, unet_target_modules: Sequence[str] = UNET_TARGETS, train_text_encoder: bool = False,
                  text_target_modules: Sequence[str] = TEXT_TARGETS, **kwargs):
         super().__init__(*args, **kwargs)

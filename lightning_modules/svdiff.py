@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_modules.base import PersonalizationModule
+from lightning_modules.base import _DTYPES, PersonalizationModule
 
 SHIFTS_FILE = "spectral_shifts.safetensors"
 _MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -38,22 +38,30 @@ _NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)
 
 
 class SpectralShift(nn.Module):
-    """Parametrization W -> U·diag(relu(σ + δ))·Vᵀ with trainable δ (initialised to 0)."""
+    """Parametrization W -> U·diag(relu(σ + δ))·Vᵀ with trainable δ (initialised to 0).
 
-    def __init__(self, weight: torch.Tensor, svd_device: torch.device | str | None = None):
+    The SVD runs in fp32; U and Vᵀ are then kept in ``factor_dtype`` (the method's
+    ``frozen_dtype``: bf16 halves them), while σ and δ stay fp32, so relu(σ + δ) − σ
+    is computed in fp32 and only the product with U, Vᵀ runs in their dtype. With
+    fp32 factors (the default) nothing is cast and results are unchanged."""
+
+    keep_fp32_buffers = ("S",)  # cast_frozen_tensors leaves σ in fp32
+
+    def __init__(self, weight: torch.Tensor, svd_device: torch.device | str | None = None,
+                 factor_dtype: torch.dtype = torch.float32):
         super().__init__()
         w = weight.detach().to(svd_device or weight.device, torch.float32)
         matrix = w[None] if w.ndim == 1 else w.reshape(w.shape[0], -1)  # (m, n)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)  # (m, r), (r,), (r, n)
-        self.register_buffer("U", u.to(weight.device), persistent=False)
+        self.register_buffer("U", u.to(weight.device, factor_dtype), persistent=False)
         self.register_buffer("S", s.to(weight.device), persistent=False)
-        self.register_buffer("Vh", vh.to(weight.device), persistent=False)
+        self.register_buffer("Vh", vh.to(weight.device, factor_dtype), persistent=False)
         self.delta = nn.Parameter(torch.zeros_like(self.S))  # (r,)
         self.is_vector = weight.ndim == 1
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        shift = F.relu(self.S + self.delta) - self.S  # (r,): relu(σ + δ) − σ, zero at δ = 0
-        update = (self.U * shift) @ self.Vh  # (m, n) = U·diag(shift)·Vᵀ
+        shift = F.relu(self.S + self.delta) - self.S  # (r,): relu(σ + δ) − σ, zero at δ = 0, fp32
+        update = (self.U * shift.to(self.U.dtype)) @ self.Vh  # (m, n) = U·diag(shift)·Vᵀ
         return weight + update.reshape(weight.shape).to(weight.dtype)
 
     def reconstruct(self) -> torch.Tensor:
@@ -62,7 +70,8 @@ class SpectralShift(nn.Module):
 
 
 def add_spectral_shifts(module: nn.Module, include_norms: bool = True, include_embeddings: bool = True,
-                        svd_device: torch.device | str | None = None) -> dict[str, SpectralShift]:
+                        svd_device: torch.device | str | None = None,
+                        factor_dtype: torch.dtype = torch.float32) -> dict[str, SpectralShift]:
     """Parametrize the weights of ``module``'s Linear/Conv (and norm, embedding) layers.
 
     Returns ``{"<layer>.weight": SpectralShift}``.
@@ -74,7 +83,7 @@ def add_spectral_shifts(module: nn.Module, include_norms: bool = True, include_e
             continue
         if parametrize.is_parametrized(layer, "weight"):
             raise ValueError(f"{name}.weight is already parametrized; add spectral shifts once.")
-        shift = SpectralShift(layer.weight, svd_device)
+        shift = SpectralShift(layer.weight, svd_device, factor_dtype)
         parametrize.register_parametrization(layer, "weight", shift)
         shifts[f"{name}.weight"] = shift
     return shifts
@@ -90,11 +99,14 @@ class SVDiff(PersonalizationModule):
         include_embeddings: shift the text encoder's token and position embeddings too.
         learning_rate_1d: learning rate of the 1-d (norm) shifts.
         svd_device: where to run the one-off SVDs (default: CUDA when available);
-            U, σ, V then live with the module.
+            U, σ, V then live with the module. With ``frozen_dtype`` bf16 the frozen
+            weights and U, Vᵀ are bf16 (half of SVDiff's memory: the factors are as
+            large as the weights again), σ and the trained shifts δ fp32.
         **kwargs: see :class:`~lightning_modules.base.PersonalizationModule`.
     """
 
     default_learning_rate = 1e-3  # SVDiff, SD2-base (sampling study, appendix B)
+    casts_partly_trained = True  # W, U, Vᵀ in frozen_dtype; σ and the shifts δ stay fp32
     runtime_args = ("svd_device",)
 
     def __init__(self, *args, train_text_encoder: bool = True, include_norms: bool = True,
@@ -111,8 +123,10 @@ class SVDiff(PersonalizationModule):
             modules.update(self.text_encoders())  # SD-XL: both encoders
         self._shift_names: dict[str, SpectralShift] = {}  # "unet.<layer>.weight" -> its shift
         svd_device = self.hparams.svd_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        factor_dtype = _DTYPES[self.hparams.frozen_dtype]  # U, Vᵀ stored in it at once (host memory too)
         for prefix, module in modules.items():
-            shifts = add_spectral_shifts(module, self.hparams.include_norms, self.hparams.include_embeddings, svd_device)
+            shifts = add_spectral_shifts(module, self.hparams.include_norms, self.hparams.include_embeddings, svd_device,
+                                         factor_dtype)
             self._shift_names.update({f"{prefix}.{k}": v for k, v in shifts.items()})
 
     def spectral_shifts(self) -> dict[str, SpectralShift]:

@@ -202,7 +202,7 @@ def test_memory_estimate_counts_what_the_method_trains(monkeypatch):
     from pathlib import Path
 
     from conftest import make
-    from lightning_modules import LoRA
+    from lightning_modules import LoRA, SVDiff
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
     spec = importlib.util.spec_from_file_location("bench_memory", path)
@@ -210,8 +210,14 @@ def test_memory_estimate_counts_what_the_method_trains(monkeypatch):
     spec.loader.exec_module(bench)
     monkeypatch.setitem(bench.BACKBONE_SETUPS, "tiny-sdxl", ("sdxl", bench.BACKBONES["sdxl"].tiny_config, 32))
     monkeypatch.setitem(bench.METHODS, "lora", ("LoRA", {"rank": 4}))
-    (row,) = bench.estimate("tiny-sdxl", ["lora"])
-    real = make(LoRA, {"pretrained_model": "tiny-sdxl", "rank": 4})
-    assert row["trainable_params"] == real.num_trainable_parameters() > 0
-    assert row["grads_adam"] * bench.GIB == 12 * row["trainable_params"]
-    assert 0 < row["activations_ckpt"] < row["activations"]
+    lora, svdiff = bench.estimate("tiny-sdxl", ["lora", "svdiff"])
+    for row, cls, kwargs in ((lora, LoRA, {"rank": 4}), (svdiff, SVDiff, {"train_text_encoder": True})):
+        real = make(cls, {"pretrained_model": "tiny-sdxl", "frozen_dtype": "bf16", **kwargs})
+        assert row["trainable_params"] == real.num_trainable_parameters() > 0
+        assert row["grads_adam"] * bench.GIB == 12 * row["trainable_params"]
+        assert 0 < row["activations_ckpt"] < row["activations"]
+        # weights: the bytes of every parameter and buffer in the dtype the method leaves it in
+        # (SVDiff: W, U, Vᵀ bf16, σ and δ fp32), counted, not assumed
+        tensors = [*real.parameters(), *real.buffers()]
+        assert row["weights"] * bench.GIB == sum(t.numel() * t.element_size() for t in tensors)
+    assert {t.dtype for s in real.spectral_shifts().values() for t in (s.U, s.Vh)} == {torch.bfloat16}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from components.conditioning import Conditioning
@@ -326,6 +327,56 @@ def test_svdiff_decomposes_once_and_checkpoints_only_the_shifts(demo_dm, monkeyp
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["state_dict"] and all(k.endswith(".delta") for k in checkpoint["state_dict"])
     assert not any(k.endswith((".U", ".S", ".Vh")) for k in module.state_dict())
+
+
+def test_svdiff_frozen_factors_follow_frozen_dtype_and_the_shifts_stay_fp32():
+    """frozen_dtype bf16: the frozen weights W and the factors U, Vᵀ are bf16 (SD-XL SVDiff
+    fits 24 GB only so), σ and the trained shifts δ stay fp32 and the same shifts train;
+    fp32 (the default) casts nothing and computes W + U·diag(relu(σ + δ) − σ)·Vᵀ as before."""
+    fp32 = make(SVDiff, {"pretrained_model": "tiny-sdxl"})
+    bf16 = make(SVDiff, {"pretrained_model": "tiny-sdxl", "frozen_dtype": "bf16"})
+    assert bf16.num_trainable_parameters() == fp32.num_trainable_parameters() > 0
+    assert bf16.trainable_state_keys() == fp32.trainable_state_keys()
+    assert all(t.dtype == torch.float32 for t in [*fp32.parameters(), *fp32.buffers()] if t.is_floating_point())
+    assert {p.dtype for p in bf16.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
+    for key, shift in bf16.spectral_shifts().items():
+        ref = fp32.spectral_shifts()[key]
+        original = bf16.get_submodule(key.removesuffix(".weight")).parametrizations.weight.original
+        assert shift.U.dtype == shift.Vh.dtype == original.dtype == torch.bfloat16
+        assert shift.S.dtype == shift.delta.dtype == torch.float32
+        assert torch.equal(shift.U, ref.U.bfloat16()) and torch.equal(shift.Vh, ref.Vh.bfloat16())
+        assert torch.equal(shift.S, ref.S)
+    perturb_trainable(fp32, scale=0.5)
+    with torch.no_grad():
+        for key, shift in fp32.spectral_shifts().items():  # the fp32 formula, op for op
+            layer = fp32.get_submodule(key.removesuffix(".weight"))
+            W = layer.parametrizations.weight.original
+            expected = W + ((shift.U * (F.relu(shift.S + shift.delta) - shift.S)) @ shift.Vh).reshape(W.shape)
+            assert torch.equal(layer.weight, expected)
+    # a bf16 training step without autocast: the loss reaches every fp32 shift the fp32 run reaches
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "cache_keys": ["a", "b"], "templates": ["a photo of {}"] * 2,
+             "is_prior": torch.tensor([False, True]), "masks": torch.ones(2, 1, 32, 32)}
+    for module in (fp32, bf16):
+        module.diffusion_loss(batch, torch.Generator().manual_seed(0))["loss"].backward()
+    reached = {n for n, p in fp32.named_parameters() if p.grad is not None}
+    assert reached and reached == {n for n, p in bf16.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+                                   and p.grad.dtype == torch.float32}
+
+
+def test_frozen_dtype_in_partly_trained_modules_only_where_the_method_casts():
+    """LoRA's frozen base weights follow frozen_dtype (peft casts to the adapter's dtype and
+    back), the adapters stay fp32; DreamBooth q/k/v keeps a partly trained UNet fp32."""
+    lora = make(LoRA, {"pretrained_model": "tiny-sdxl", "frozen_dtype": "bf16"})
+    assert lora.num_trainable_parameters() == make(LoRA, {"pretrained_model": "tiny-sdxl"}).num_trainable_parameters()
+    assert {p.dtype for p in lora.unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}
+    x, t, _ = unet_inputs()
+    cond = lora.encode_prompts(["a photo of sks ball", ""])
+    lora.components.predict(x.bfloat16(), t, cond.to(dtype=torch.bfloat16)).float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.parameters() if p.requires_grad)
+    qkv = make(DreamBoothQKV, {"frozen_dtype": "bf16"})
+    assert {p.dtype for p in qkv.unet.parameters()} == {torch.float32} and qkv.vae.dtype == torch.bfloat16
 
 
 def test_svdiff_options_choose_the_layers():
