@@ -231,31 +231,47 @@ class AttentionInjection(AttentionControl):
 
     Flags, set per step:
     * ``features``: the target's self-attention *output* (after the output projection,
-      what the layer adds to the residual stream) becomes the source's;
+      what the layer adds to the residual stream) becomes the source's; with
+      ``uncond=(source, target)`` the unconditional rows' too (Photoswap's code);
     * ``cross_maps``: the target's cross-attention maps become the source's, token by
       token through ``token_index``/``token_alpha`` (B, S): position j of the target
       prompt takes the source map at ``token_index[j]`` where ``token_alpha[j]`` = 1 and
       keeps its own where 0 (the concept prompt has extra tokens);
     * ``self_maps``: the target attends with the source's self-attention maps over its
-      own values.
+      own values, in the layers with at most ``self_map_max_positions`` positions (None:
+      every layer; Photoswap's code: 32² = 1024).
+
+    ``store`` (optional): a callable given (probs, rows) of every cross-attention call's
+    maps of both conditional branches, before any edit (Photoswap's LocalBlend).
     """
 
-    def __init__(self, n_branches: int, source: int, target: int, token_index: torch.Tensor, token_alpha: torch.Tensor):
+    def __init__(self, n_branches: int, source: int, target: int, token_index: torch.Tensor, token_alpha: torch.Tensor,
+                 uncond: tuple[int, int] | None = None, self_map_max_positions: int | None = None, store=None):
         super().__init__(n_branches)
-        self.source, self.target = source, target
+        self.source, self.target, self.uncond = source, target, uncond
         self.token_index, self.token_alpha = token_index.long(), token_alpha.float()
+        self.self_map_max_positions, self.store = self_map_max_positions, store
         self.features = self.cross_maps = self.self_maps = False
 
     def set_step(self, features: bool, cross_maps: bool, self_maps: bool) -> None:
         self.features, self.cross_maps, self.self_maps = features, cross_maps, self_maps
 
     def wants(self, is_cross: bool) -> bool:
-        return self.cross_maps if is_cross else (self.features or self.self_maps)
+        if is_cross:
+            return self.cross_maps or self.store is not None
+        return self.features or self.self_maps
 
     def edit_attention(self, q, k, v, out, is_cross: bool, scale: float) -> None:
-        if not is_cross and (self.features or not self.self_maps):
-            return  # the whole self-attention output is replaced below (or nothing is)
         src, tgt = self.rows(q.shape[0], self.source), self.rows(q.shape[0], self.target)
+        if is_cross and self.store is not None:
+            self.store(self.probs(q, k, src, scale), self.probs(q, k, tgt, scale))
+        if is_cross and not self.cross_maps:
+            return
+        if not is_cross:
+            if self.features or not self.self_maps:
+                return  # the whole self-attention output is replaced below (or nothing is)
+            if self.self_map_max_positions is not None and q.shape[2] > self.self_map_max_positions:
+                return  # a layer too large for self-map replacement: its own maps
         probs = self.probs(q, k, src, scale)  # (B, H, P, S) source maps
         if is_cross:
             index = self.token_index.to(probs.device)[:, None, None, :].expand_as(probs)
@@ -266,7 +282,9 @@ class AttentionInjection(AttentionControl):
 
     def edit_output(self, out: torch.Tensor, is_cross: bool) -> None:
         if not is_cross and self.features:
-            out[self.rows(out.shape[0], self.target)] = out[self.rows(out.shape[0], self.source)]
+            pairs = [(self.source, self.target)] + ([self.uncond] if self.uncond is not None else [])
+            for source, target in pairs:
+                out[self.rows(out.shape[0], target)] = out[self.rows(out.shape[0], source)]
 
 
 # --------------------------------------------------------------------------- tokens
@@ -288,6 +306,44 @@ def align_tokens(tokenizer, source: str, target: str) -> tuple[torch.Tensor, tor
     for block in difflib.SequenceMatcher(None, src, tgt, autojunk=False).get_matching_blocks():
         index[block.b : block.b + block.size] = torch.arange(block.a, block.a + block.size)
         alpha[block.b : block.b + block.size] = 1.0
+    return index, alpha
+
+
+def align_tokens_photoswap(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Photoswap's token map: a global alignment of the two prompts' tokens (without
+    padding; match +1, mismatch −1, gaps free, ties resolved as Photoswap's traceback does:
+    a target token left unmatched first, then a source token, then the pair); each padding
+    position j of the target maps to position j of the source (alpha 1).
+
+    Returns (index, alpha), each (S,), as :func:`align_tokens`.
+    """
+    length = tokenizer.model_max_length
+    x = tokenizer(source, truncation=True, max_length=length).input_ids
+    y = tokenizer(target, truncation=True, max_length=length).input_ids
+    score = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    move = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]  # 1: skip a target token, 2: skip a source token, 3: pair
+    for j in range(1, len(y) + 1):
+        move[0][j] = 1
+    for i in range(1, len(x) + 1):
+        move[i][0] = 2
+        for j in range(1, len(y) + 1):
+            left, up = score[i][j - 1], score[i - 1][j]
+            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
+            best = max(left, up, diag)
+            score[i][j] = best
+            move[i][j] = 1 if left == best else 2 if up == best else 3
+    index, alpha = torch.arange(length), torch.ones(length)  # padding: j -> j
+    i, j = len(x), len(y)
+    while i > 0 or j > 0:
+        m = move[i][j] if i > 0 and j > 0 else (1 if j > 0 else 2)
+        if m == 3:
+            i, j = i - 1, j - 1
+            index[j], alpha[j] = i, 1.0
+        elif m == 1:
+            j -= 1
+            index[j], alpha[j] = 0, 0.0  # a target token without counterpart keeps its own map
+        else:
+            i -= 1
     return index, alpha
 
 

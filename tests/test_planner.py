@@ -48,7 +48,10 @@ def test_every_sampler_equals_its_unshared_run(model):
     samplers += [short("switching", t_sw=2), short("masked", t_sw=1, q=0.3),
                  short("masked", t_sw=1, mask_from="superclass"),
                  short("profusion", refine_steps=2), short("profusion", refine_seed=10, refine_images=2), short("mixed", guidance_concept=0.0, guidance_superclass=7.0),
-                 short("photoswap", t_sf=1, t_cm=1, t_sm=2)]
+                 short("photoswap", t_sf=1, t_cm=1, t_sm=2),
+                 short("photoswap", t_sf=1, t_cm=1, t_sm=2, token_map="positional", guidance_superclass=5.0),
+                 short("photoswap", windows="photoswap", t_sf=0.25, t_cm=0.5, t_sm=0.25, features_uncond=True,
+                       self_map_max_positions=16, token_map="photoswap", local_blend=True)]
     planner = SweepPlanner(unet_batch=7)
     planned = planner.sample(model, [(s, CELLS) for s in samplers], seed=0, batch_size=2)
     for sampler, out in zip(samplers, planned):

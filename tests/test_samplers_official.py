@@ -207,6 +207,190 @@ def test_profusion_refine_settings_are_checked(model):
         project_latents(sampler, model, cells=[("a {}", 1)])
 
 
+# --------------------------------------------------------------------------- Photoswap
+
+
+class SwapProcessor:
+    """A hand-written attention processor for the reference loop: explicit softmax(QKᵀ·scale),
+    rows [u_c, c, u_s, s] of b images each; ``ctl`` holds the step's flags and options."""
+
+    def __init__(self, ctl):
+        self.ctl = ctl
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        ctl, cross = self.ctl, encoder_hidden_states is not None
+        ctx = encoder_hidden_states if cross else hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        b = q.shape[0] // 4
+        uc, c, us, s = (slice(j * b, (j + 1) * b) for j in range(4))
+        if not cross and ctl.features:  # Photoswap's code: the target rows attend as the source rows
+            for src, tgt in ([(s, c), (us, uc)] if ctl.opts.get("features_uncond") else [(s, c)]):
+                q[tgt], k[tgt], v[tgt] = q[src], k[src], v[src]
+        heads = lambda x: x.view(x.shape[0], x.shape[1], attn.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(q), heads(k), heads(v)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (N, H, P, S)
+        if cross and ctl.store is not None:
+            ctl.store.append((probs.shape[2], probs[s].clone(), probs[c].clone()))
+        if cross and ctl.cross:
+            index = ctl.index[:, None, None, :].expand_as(probs[s])
+            alpha = ctl.alpha[:, None, None, :]
+            probs[c] = alpha * probs[s].gather(-1, index) + (1 - alpha) * probs[c]
+        if not cross and ctl.self_maps and probs.shape[2] <= ctl.opts.get("self_map_max_positions", 10**9):
+            probs[c] = probs[s]
+        out = (probs @ v).transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def token_map(ref: Reference, kind: str):
+    """(index, alpha) (B, S) of each concept prompt against its superclass prompt: the
+    identifier is one inserted token at position p."""
+    length = ref.tok.model_max_length
+    index, alpha = torch.arange(length).repeat(len(ref.cells), 1), torch.ones(len(ref.cells), length)
+    if kind == "positional":
+        return index, alpha
+    for row, prompt in enumerate(ref.concept):
+        p = word_position(ref.tok, prompt, "sks")
+        real = len(ref.tok(prompt).input_ids)  # tokens before the padding
+        alpha[row, p] = 0.0
+        stop = length if kind == "aligned" else real  # aligned: padding shifts too; photoswap: j -> j there
+        index[row, p + 1 : stop] -= 1
+    return index, alpha
+
+
+@torch.no_grad()
+def photoswap_reference(ref: Reference, t_sf, t_cm, t_sm, w=7.0, w_s=None, windows="steps", blend_threshold=0.3,
+                        **opts):
+    from types import SimpleNamespace
+
+    n = len(ref.sched.timesteps)
+    index, alpha = token_map(ref, opts.get("token_map", "aligned"))
+    ctl = SimpleNamespace(opts=opts, index=index, alpha=alpha, store=[] if opts.get("local_blend") else None)
+    unet = ref.unet
+    original = dict(unet.attn_processors)
+    unet.set_attn_processor({name: SwapProcessor(ctl) for name in original})
+    b = len(ref.cells)
+    weights = []  # LocalBlend words: "dog" in the superclass prompts, "sks" in the concept prompts
+    for prompts, word in ((ref.superclass, "dog"), (ref.concept, "sks")):
+        wt = torch.zeros(b, ref.tok.model_max_length)
+        for row, prompt in enumerate(prompts):
+            wt[row, word_position(ref.tok, prompt, word)] = 1.0
+        weights.append(wt)
+    sums = [0.0, 0.0]
+    try:
+        z = z_s = ref.x_T
+        for i, t in enumerate(ref.sched.timesteps):
+            if windows == "steps":
+                ctl.features, ctl.cross, ctl.self_maps = i < t_sf, i < t_cm, i < t_sm
+            else:
+                ctl.features, ctl.cross, ctl.self_maps = i <= int(t_sf * n), i < int(t_cm * n), i < int((t_sm + t_sf) * n)
+            u_c, c, u_s, s = ref.eps([z, z, z_s, z_s], t, ref.u, ref.c, ref.u, ref.s)
+            z = ref.sched.step(u_c + w * (c - u_c), t, z).prev_sample
+            z_s = ref.sched.step(u_s + (w if w_s is None else w_s) * (s - u_s), t, z_s).prev_sample
+            if ctl.store is not None:
+                for positions, p_s, p_c in ctl.store:
+                    if positions == 16:  # the 4x4 layers: 1/4 of the 8x8 latent rounds to them
+                        sums[0] = sums[0] + (p_s * weights[0][:, None, None, :]).sum(-1).mean(1)
+                        sums[1] = sums[1] + (p_c * weights[1][:, None, None, :]).sum(-1).mean(1)
+                ctl.store.clear()
+                if i + 1 > int(0.2 * n):
+                    masks = []
+                    for m in sums:
+                        m = F.max_pool2d(m.view(b, 1, 4, 4), 3, 1, 1)
+                        m = F.interpolate(m, size=z.shape[-2:])
+                        masks.append(m / m.amax((2, 3), keepdim=True) > blend_threshold)
+                    mask = (masks[0] | masks[1]).float()
+                    z = z_s + mask * (z - z_s)
+    finally:
+        unet.set_attn_processor(original)
+    return z
+
+
+PHOTOSWAP_VARIANTS = {
+    "project default": (4, dict(t_sf=1, t_cm=2, t_sm=3)),
+    "study code (positional maps, guidance_superclass)": (4, dict(t_sf=1, t_cm=2, t_sm=3, token_map="positional",
+                                                                  guidance_superclass=5.0)),
+    "photoswap token map (padding j -> j)": (4, dict(t_sf=1, t_cm=2, t_sm=3, token_map="photoswap")),
+    "features in uncond rows too": (4, dict(t_sf=2, t_cm=2, t_sm=3, features_uncond=True)),
+    "self maps only in small layers": (4, dict(t_sf=0, t_cm=0, t_sm=3, self_map_max_positions=16)),
+    "fraction windows": (10, dict(t_sf=0.1, t_cm=0.3, t_sm=0.2, windows="photoswap")),
+    "local blend": (10, dict(t_sf=1, t_cm=3, t_sm=3, local_blend=True, blend_threshold=0.9)),
+    "photoswap code": (10, dict(t_sf=0.1, t_cm=0.3, t_sm=0.2, windows="photoswap", features_uncond=True,
+                                self_map_max_positions=16, token_map="photoswap", local_blend=True,
+                                blend_threshold=0.9)),
+}
+
+
+@pytest.mark.parametrize("variant", list(PHOTOSWAP_VARIANTS))
+def test_photoswap_variants_match_the_reference(model, ref_factory, variant):
+    steps, settings = PHOTOSWAP_VARIANTS[variant]
+    sampler = build_sampler("photoswap", num_steps=steps, **settings)
+    ours = project_latents(sampler, model)
+    ref_settings = dict(settings)
+    w_s = ref_settings.pop("guidance_superclass", None)
+    ref = photoswap_reference(ref_factory(steps=steps), w_s=w_s, **ref_settings)
+    assert (ours - ref).abs().max() <= 5e-5
+    if variant != "project default":  # each option changes the result: the test can tell it apart
+        plain = {k: settings[k] for k in ("t_sf", "t_cm", "t_sm")}
+        if settings.get("windows") == "photoswap":  # against the counts int(frac·N) read as the project does
+            plain = {k: int(v * steps) for k, v in plain.items()}
+        default = photoswap_reference(ref_factory(steps=steps), **plain)
+        assert (default - ref).abs().max() > 1e-4
+
+
+def test_photoswap_token_maps(model):
+    from samplers.attention import align_tokens, align_tokens_photoswap
+
+    tok = model.components.tokenizer
+    concept, superclass = "a sks dog on the beach", "a dog on the beach"
+    real = len(tok(concept).input_ids)
+    i_a, a_a = align_tokens(tok, superclass, concept)
+    i_p, a_p = align_tokens_photoswap(tok, superclass, concept)
+    assert torch.equal(a_a, a_p) and a_p[2] == 0 and a_p.sum() == len(a_p) - 1
+    keep = a_p[:real].bool()
+    assert torch.equal(i_a[:real][keep], i_p[:real][keep])  # the prompt's tokens: the same alignment
+    assert (i_a[real:] == torch.arange(real, len(i_a)) - 1).all()  # padding: j -> j - 1
+    assert (i_p[real:] == torch.arange(real, len(i_p))).all()  # Photoswap: j -> j
+
+
+def test_photoswap_settings_are_checked():
+    for bad, message in [(dict(windows="fractions"), "windows"), (dict(token_map="diff"), "token_map"),
+                         (dict(windows="photoswap", t_sf=5, t_cm=0.2, t_sm=0.2), "t_sf=5 is outside"),
+                         (dict(windows="photoswap", t_sf=0.5, t_cm=0.2, t_sm=0.6), "map \\+ output"),
+                         (dict(self_map_max_positions=0), "self_map_max_positions"),
+                         (dict(local_blend="yes"), "local_blend"), (dict(guidance_superclass=-1), "negative")]:
+        with pytest.raises(ValueError, match=message):
+            build_sampler("photoswap", **bad)
+
+
+def test_photoswap_windows_as_photoswap_counts_them():
+    s = build_sampler("photoswap", num_steps=50, windows="photoswap", t_sf=0.1, t_cm=0.4, t_sm=0.3)
+    flags = [s.flags(i) for i in range(50)]
+    assert sum(f[0] for f in flags) == 6  # i <= int(0.1 * 50): inclusive
+    assert sum(f[1] for f in flags) == 20 and sum(f[2] for f in flags) == 20  # self maps: (0.3 + 0.1) * 50
+    assert s.injection_steps == 20
+    assert build_sampler("photoswap", num_steps=50, local_blend=True).injection_steps == 50
+
+
+# --------------------------------------------------------------------------- other backbones
+
+OPTIONS = [
+    ("masked", dict(t_sw=1, mask_from="superclass")),
+    ("profusion", dict(refine_steps=2, refine_seed=10, refine_images=2)),
+    ("photoswap", dict(t_sf=1, t_cm=2, t_sm=3, token_map="positional", guidance_superclass=5.0)),
+    ("photoswap", dict(windows="photoswap", t_sf=0.34, t_cm=0.67, t_sm=0.33, features_uncond=True,
+                       self_map_max_positions=16, token_map="photoswap", local_blend=True)),
+]
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-pixart"])
+def test_official_options_run_on_other_backbones(preset):
+    """A smoke run of every new option on SD-XL and PixArt-α (T5 tokens, masked cross-attention)."""
+    m = BaseModel(load_components(preset), superclass="dog")
+    for name, settings in OPTIONS:
+        out = build_sampler(name, num_steps=3, **settings).sample(m, ["a {} on the beach"], num_images=2, batch_size=2)
+        assert out.images.shape[0] == 2 and out.images.isfinite().all(), (preset, name, settings)
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -227,3 +411,4 @@ def test_study_configs_expand(name):
     official = name.endswith("official")
     assert {s["mask_from"] for s in by_sampler["masked"]} == {"superclass" if official else "concept"}
     assert {s["refine_seed"] for s in by_sampler["profusion"]} == {10 if official else None}
+    assert {s["token_map"] for s in by_sampler["photoswap"]} <= {"positional" if official else "aligned", "photoswap"}
