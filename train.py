@@ -1,9 +1,17 @@
 """Train, validate, test or predict with LightningCLI.
 
     python train.py fit --config configs/quickstart.yaml
-    python train.py fit --config configs/methods/dreambooth.yaml --data.concept_dir my_dog --data.superclass dog
+    python train.py fit --config configs/base.yaml --config configs/methods/lora.yaml --config configs/data/dreambooth_dog.yaml
+    python train.py fit --config configs/base.yaml --config configs/methods/lora.yaml \
+        --config configs/data/folder.yaml --data.concept_dir my_dog --data.superclass dog
     python train.py fit --help            # every option, with its default
     python train.py fit --config X --print_config   # the whole resolved run
+
+Configs layer (a later ``--config`` overrides an earlier one): ``configs/base.yaml`` (trainer,
+logging, checkpoints, validation grids, the artifact), a method (``configs/methods/``), a data
+source (``configs/data/``). Everything a run writes goes under ``trainer.default_root_dir``
+(see :func:`follow_run_folder`); ``--overwrite_artifact true`` lets the run replace an
+artifact of another run there.
 
 ``--model`` picks the method by class path (``lightning_modules.DreamBooth``,
 ``lightning_modules.TextualInversion``, ...). The DataModule's placeholder and
@@ -30,6 +38,24 @@ class PersonalizeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.placeholder", "model.init_args.placeholder", apply_on="instantiate")
         parser.link_arguments("data.superclass", "model.init_args.superclass", apply_on="instantiate")
+        parser.add_argument("--overwrite_artifact", type=bool, default=False,
+                            help="let ExportArtifact replace an artifact of another run (another method, base model or "
+                                 "concept) in its folder; without it such a run is refused before training")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        follow_run_folder(config)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config.get("overwrite_artifact"):
+            from callbacks.export import ExportArtifact
+
+            for callback in trainer.callbacks:
+                if isinstance(callback, ExportArtifact):
+                    callback.overwrite = True
+        return trainer
 
     def before_fit(self) -> None:
         # refuse a run that would train nothing (and export untrained weights as its artifact)
@@ -37,6 +63,33 @@ class PersonalizeCLI(LightningCLI):
             if getattr(self.trainer, key) == 0:
                 raise UserError(f"--trainer.{key} 0 trains nothing",
                                 fix=f"set --trainer.{key} to 1 or more (or -1 / leave it unset for no limit)")
+
+
+def follow_run_folder(config) -> None:
+    """Outputs follow the run: with ``trainer.default_root_dir`` set, a W&B logger without a
+    ``save_dir`` writes there (named after the folder), and a ModelCheckpoint without a
+    ``dirpath`` writes to ``<default_root_dir>/checkpoints``; ExportArtifact's default is
+    ``<log dir>/artifact`` (the W&B logger's log dir is its ``save_dir``). So
+    ``--trainer.default_root_dir outputs/other`` moves the whole run, and no config names
+    another run's folders."""
+    trainer = config.get("trainer") if config is not None else None
+    root = trainer.get("default_root_dir") if trainer is not None else None
+    if not root:
+        return
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+            continue
+        if init_args.get("save_dir") in (None, "", "."):
+            init_args["save_dir"] = str(root)
+        if not init_args.get("name"):
+            init_args["name"] = Path(root).name
+    for callback in trainer.get("callbacks") or []:
+        init_args = getattr(callback, "init_args", None)
+        if init_args is not None and str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") \
+                and not init_args.get("dirpath"):
+            init_args["dirpath"] = str(Path(root) / "checkpoints")
 
 
 def check_checkpoint(path) -> None:

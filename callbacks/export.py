@@ -1,11 +1,74 @@
-"""Write the method's artifact (only what it trained) when training ends."""
+"""Write the method's artifact (only what it trained) when training ends.
+
+The artifact records which run made it (``personalize.json``'s ``run``: the method, the
+base model, placeholder, superclass and a fingerprint of the concept images). Before
+training starts, a folder holding the artifact of another run is refused (its trained
+weights would be replaced); the same run re-run or resumed may replace its own artifact.
+``overwrite=True`` (``train.py --overwrite_artifact true``) replaces another run's
+artifact deliberately. A folder that holds something other than an artifact is never
+replaced.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from components.errors import UserError
+
+ARTIFACT_MANIFEST = "personalize.json"
+#: what makes two runs "the same run" (a difference anywhere else, e.g. the learning rate
+#: or the number of steps, is the same experiment run again)
+IDENTITY_KEYS = ("method", "pretrained_model", "placeholder", "superclass", "concept")
+
+
+def run_identity(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    """What this run's artifact is: method, base model, placeholder, superclass and a
+    fingerprint of the concept images (the DataModule's ``fingerprint()``, if it has one)."""
+    hparams = getattr(pl_module, "hparams", {})
+    identity = {
+        "method": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+        "pretrained_model": hparams.get("pretrained_model"),
+        "placeholder": getattr(pl_module, "placeholder", hparams.get("placeholder")),
+        "superclass": getattr(pl_module, "superclass", hparams.get("superclass")),
+        "concept": None,
+    }
+    fingerprint = getattr(getattr(trainer, "datamodule", None), "fingerprint", None)
+    if callable(fingerprint):
+        identity["concept"] = fingerprint()
+    return identity
+
+
+def artifact_conflict(folder: Path, identity: dict) -> tuple[str, str, bool] | None:
+    """Why writing this run's artifact into ``folder`` would replace what is not its own:
+    (problem, fix, whether ``overwrite`` may replace it), or None when the folder is free or
+    holds this run's artifact. A folder that is not an artifact is never replaced."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return None
+    manifest = folder / ARTIFACT_MANIFEST
+    if not folder.is_dir() or not manifest.is_file():
+        return (f"the artifact folder {folder} exists and holds no artifact ({ARTIFACT_MANIFEST} missing): writing the "
+                "artifact would replace it", "give the run another folder: --trainer.default_root_dir outputs/<new name> "
+                "(or ExportArtifact's dirpath)", False)
+    try:
+        written = json.loads(manifest.read_text())
+        # an artifact saved outside ExportArtifact (module.save_artifact) records no run:
+        # it is compared on what its manifest names (method, base model, placeholder, superclass)
+        recorded, keys = (written["run"], IDENTITY_KEYS) if isinstance(written.get("run"), dict) else \
+            (written, IDENTITY_KEYS[:-1])
+    except (OSError, ValueError, AttributeError):
+        recorded, keys = {}, IDENTITY_KEYS  # a damaged manifest: not this run's
+    differ = [k for k in keys if recorded.get(k) != identity.get(k)]
+    if not differ:
+        return None
+    what = ", ".join(f"{k} {recorded.get(k)!r} there, {identity.get(k)!r} here" if k != "concept" else
+                     "other concept images" for k in differ)
+    return (f"{folder} holds the artifact of another run ({what}); this run would replace its trained weights",
+            "give this run its own folder: --trainer.default_root_dir outputs/<new name>; or replace that artifact "
+            "deliberately: --overwrite_artifact true (ExportArtifact(overwrite=True))", True)
 
 
 class ExportArtifact(L.Callback):
@@ -13,12 +76,18 @@ class ExportArtifact(L.Callback):
 
     Args:
         dirpath: where to write; default ``<log dir>/artifact`` (or
-            ``<default_root_dir>/artifact`` without a logger).
+            ``<default_root_dir>/artifact`` without a logger; train.py's W&B logger
+            writes to ``trainer.default_root_dir``, so ``<default_root_dir>/artifact``).
         every_n_epochs: also export after every n-th training epoch (0: only at the end).
+        overwrite: replace an artifact of another run in ``dirpath`` (without it, such a
+            run stops before training with one message). The same run (same method, base
+            model, placeholder, superclass and concept images), re-run or resumed, always
+            replaces its own artifact.
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_epochs: int = 0):
-        self.dirpath, self.every_n_epochs = dirpath, every_n_epochs
+    def __init__(self, dirpath: str | None = None, every_n_epochs: int = 0, overwrite: bool = False):
+        self.dirpath, self.every_n_epochs, self.overwrite = dirpath, every_n_epochs, overwrite
+        self._identity: dict | None = None
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         if self.dirpath:
@@ -26,14 +95,37 @@ class ExportArtifact(L.Callback):
         base = trainer.log_dir or trainer.default_root_dir
         return Path(base) / "artifact"
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse, before the model loads and trains, a run whose artifact would replace
+        another run's (the ranks agree on it)."""
+        if stage != "fit":
+            return
+        folder = self.resolve_dir(trainer)  # trainer.log_dir is a collective: every rank
+        self._identity = run_identity(trainer, pl_module)
+        conflict = artifact_conflict(folder, self._identity) if trainer.is_global_zero else None
+        conflict = trainer.strategy.broadcast(conflict)
+        if conflict is None:
+            return
+        problem, fix, replaceable = conflict
+        if self.overwrite and replaceable:
+            rank_zero_warn(f"overwrite: {problem}; replacing it at the end of training as asked.")
+            return
+        raise UserError(problem, fix=fix)
+
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:  # the same on every rank
             rank_zero_warn(f"No optimizer step was taken: the artifact is not written ({self.resolve_dir(trainer)} is "
                            "left as it was). Train at least one step (max_steps, max_epochs, repeats >= 1).")
             return
+        folder = self.resolve_dir(trainer)
         if trainer.is_global_zero:
-            folder = pl_module.save_artifact(self.resolve_dir(trainer))
-            rank_zero_info(f"Artifact written to {folder}")
+            identity = self._identity or run_identity(trainer, pl_module)
+            conflict = artifact_conflict(folder, identity)
+            if conflict is not None and not (self.overwrite and conflict[2]):  # appeared while training
+                rank_zero_warn(f"Artifact not written: {conflict[0]}. Fix: {conflict[1]}.")
+            else:
+                folder = pl_module.save_artifact(folder, run=identity)
+                rank_zero_info(f"Artifact written to {folder}")
         trainer.strategy.barrier("export_artifact")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -293,7 +293,8 @@ class ConceptDataModule(L.LightningDataModule):
         allow_upscale: accept images smaller than ``resolution`` (they are upscaled).
         use_masks: require a mask for every image (masked loss).
         class_dir: prior-preservation class images; generated there if
-            ``num_class_images`` exceeds what it holds and ``class_model`` is set.
+            ``num_class_images`` exceeds what it holds and ``class_model`` is set. A
+            ``{}`` in it takes the superclass word (``outputs/class_images/{}``).
         num_class_images: how many class images to use (0: no prior preservation).
         class_template: prompt template of class images; ``{}`` takes the superclass.
         class_model: base model (hub id, folder, ``"tiny"``) that generates missing class
@@ -341,6 +342,17 @@ class ConceptDataModule(L.LightningDataModule):
                                        "appears per epoch; batch_size: images per step; resolution: image size).")
         if num_class_images < 0 or num_workers < 0:
             raise ConceptDataError("data.num_class_images and data.num_workers must be 0 or more.")
+        if concept_dir is not None and (dreambooth_root is not None or subject is not None):
+            given = f"subject {subject!r}" + (f" of {dreambooth_root}" if dreambooth_root is not None else "")
+            raise ConceptDataError(
+                f"Both a concept folder (concept_dir: {concept_dir}) and a DreamBooth {given} are given: which "
+                "images should train?",
+                fix="layer one data config: for your folder drop configs/data/dreambooth_*.yaml (or add --data.subject "
+                    "null --data.dreambooth_root null); for the DreamBooth subject drop --data.concept_dir")
+        if subject is not None and dreambooth_root is None:
+            raise ConceptDataError(f"subject {subject!r} is set but dreambooth_root is not",
+                                   fix="set --data.dreambooth_root to the DreamBooth dataset folder (one folder per "
+                                       "subject + prompts_and_classes.txt)")
         if dreambooth_root is not None:
             if subject is None:
                 raise ConceptDataError("dreambooth_root is set but subject is not: name a subject folder, e.g. subject: dog.")
@@ -369,6 +381,8 @@ class ConceptDataModule(L.LightningDataModule):
             raise ConceptDataError(f"Placeholder {placeholder!r} must be one non-empty word, e.g. 'sks' or '<my-dog>'.")
         if "{}" not in instance_template or "{}" not in class_template:
             raise ConceptDataError("instance_template and class_template need a '{}' slot for the subject, e.g. 'a photo of {}'.")
+        if class_dir is not None and "{}" in class_dir:
+            class_dir = class_dir.replace("{}", superclass.strip())  # a folder per class word
         if num_class_images > 0 and class_dir is None:
             raise ConceptDataError("num_class_images > 0 needs class_dir: a folder of class images, or where to generate them.")
         if placeholder.strip().lower() == superclass.strip().lower():
@@ -376,6 +390,7 @@ class ConceptDataModule(L.LightningDataModule):
                           f"'{placeholder.strip()} {superclass.strip()}' and cannot tell the concept from its class. Choose a "
                           "rare identifier, e.g. placeholder: sks.", stacklevel=2)
         self.concept_dir = concept_dir
+        self.class_dir = class_dir  # resolved ({} filled); hparams keep what was given
         self.placeholder = placeholder.strip()
         self.superclass = superclass.strip()
         # the resolved placeholder and superclass are linked into (and logged by) the model
@@ -412,7 +427,7 @@ class ConceptDataModule(L.LightningDataModule):
         n = self.hparams.num_class_images
         if n <= 0:
             return
-        folder = Path(self.hparams.class_dir)
+        folder = Path(self.class_dir)
         have = _list_images(folder)
         if len(have) >= n:
             return
@@ -432,7 +447,7 @@ class ConceptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if hp.num_class_images > 0 and not self.class_images:
-            self.class_images = load_concept_folder(hp.class_dir, min_size=0)[: hp.num_class_images]
+            self.class_images = load_concept_folder(self.class_dir, min_size=0)[: hp.num_class_images]
         self.train_set = ConceptDataset(
             self.concept_images, hp.instance_template, hp.resolution, hp.center_crop, hp.random_flip, hp.repeats,
             prior=self.class_images, prior_template=hp.class_template, seed=hp.seed,

@@ -79,9 +79,10 @@ def read_dreambooth_classes(root: str | Path) -> dict[str, str]:
     """Subject -> class word from a DreamBooth-layout ``prompts_and_classes.txt``."""
     path = Path(root) / "prompts_and_classes.txt"
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: a DreamBooth dataset root holds one folder per subject and prompts_and_classes.txt."
-        )
+        from components.errors import MissingFileError
+
+        raise MissingFileError(f"{path} not found: a DreamBooth dataset root holds one folder per subject and "
+                               "prompts_and_classes.txt", fix="set --data.dreambooth_root to the DreamBooth dataset folder")
     classes: dict[str, str] = {}
     for line in path.read_text().splitlines():
         parts = [p.strip() for p in line.split(",")]

@@ -407,8 +407,9 @@ class PersonalizationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ artifacts
 
-    def save_artifact(self, folder: str | os.PathLike) -> Path:
-        """Write only what was trained, plus ``personalize.json`` naming the method.
+    def save_artifact(self, folder: str | os.PathLike, run: dict | None = None) -> Path:
+        """Write only what was trained, plus ``personalize.json`` naming the method (and,
+        given ``run``, which run made it: ``callbacks.export.run_identity``).
 
         Atomic: the files go to a temporary folder beside ``folder``, renamed into place when
         complete, so a crash never leaves half an artifact (an artifact already there is
@@ -418,7 +419,7 @@ class PersonalizationModule(L.LightningModule):
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        self._write_artifact(tmp)
+        self._write_artifact(tmp, run)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
@@ -429,7 +430,7 @@ class PersonalizationModule(L.LightningModule):
             tmp.rename(folder)
         return folder
 
-    def _write_artifact(self, folder: Path) -> None:
+    def _write_artifact(self, folder: Path, run: dict | None = None) -> None:
         self.save_artifact_files(folder)
         manifest = {
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
@@ -439,6 +440,8 @@ class PersonalizationModule(L.LightningModule):
             "concept_phrase": self.concept_phrase,
             "init_args": self.artifact_init_args(),
         }
+        if run is not None:
+            manifest["run"] = run
         (folder / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
     #: method arguments about how to compute, not what the model is (left out of artifacts)
