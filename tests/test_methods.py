@@ -50,6 +50,12 @@ BACKBONE_METHODS = [
     pytest.param(DreamBoothQKV, {"pretrained_model": "tiny-pixart", "train_text_encoder": False}, id="pixart-dreambooth_qkv"),
     pytest.param(LoRA, {"pretrained_model": "tiny-pixart"}, id="pixart-lora"),
     pytest.param(SVDiff, {"pretrained_model": "tiny-pixart", "train_text_encoder": False}, id="pixart-svdiff"),
+    pytest.param(CustomDiffusion, {"pretrained_model": "tiny-sdxl", "placeholder": "<new1>", "train_q_out": True},
+                 id="sdxl-custom_diffusion_q_out"),
+    pytest.param(OFT, {"pretrained_model": "tiny-sdxl", "block_size": 8}, id="sdxl-oft"),
+    pytest.param(BOFT, {"pretrained_model": "tiny-sdxl", "num_blocks": 4, "train_text_encoder": True}, id="sdxl-boft"),
+    pytest.param(OFT, {"pretrained_model": "tiny-pixart", "block_size": 8}, id="pixart-oft"),
+    pytest.param(BOFT, {"pretrained_model": "tiny-pixart", "num_blocks": 4}, id="pixart-boft"),
 ]
 ALL_METHODS = METHODS + BACKBONE_METHODS
 
@@ -235,6 +241,9 @@ def test_pixart_lora_artifact_is_diffusers_transformer_format(tmp_path):
 
 @pytest.mark.parametrize("cls,kwargs,message", [
     (HiFiTextualInversion, {"pretrained_model": "tiny-sdxl"}, "does not apply to sdxl models"),
+    (HiFiTextualInversion, {"pretrained_model": "tiny-pixart"}, "does not apply to pixart-alpha models"),
+    (SVDiff, {"pretrained_model": "tiny-pixart"}, "set train_text_encoder: false"),
+    (LoRA, {"pretrained_model": "tiny-pixart", "train_text_encoder": True}, "set train_text_encoder: false"),
     (TextualInversion, {"pretrained_model": "tiny-pixart", "placeholder": "<b1>"}, "does not apply to pixart-alpha"),
     (CustomDiffusion, {"pretrained_model": "tiny-pixart", "placeholder": "<b1>"}, "does not apply to pixart-alpha"),
     (DreamBooth, {"pretrained_model": "tiny-pixart", "train_text_encoder": True}, "set train_text_encoder: false"),

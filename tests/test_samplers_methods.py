@@ -1,9 +1,13 @@
-"""Every sampler on a Textual Inversion and a DreamBooth artifact, reached only through
-lightning_modules.load_personalized: the samplers do not know the method.
+"""Every sampler on every method of the matrix, on every backbone (the tiny SD, SD-XL and
+PixArt-α presets), reached only through lightning_modules.load_personalized: the samplers
+know neither the method nor the backbone.
 
 The modules are not trained here: their trainable parameters are perturbed with a fixed
-seed (what a few training steps would do), so a sampler that ignored the method's
-conditioning or weights would produce the base model's images and fail."""
+seed (what a few training steps would do, but everywhere), so a sampler that ignored the
+method's conditioning or weights would produce the base model's images and fail. Each
+(backbone, method) artifact is built once (module-scoped fixture) and shared by the
+samplers. A (backbone, method) pair that does not apply is asserted to fail with the
+method's own message, before any sampling."""
 
 from __future__ import annotations
 
@@ -15,12 +19,36 @@ from conftest import build
 from samplers import SAMPLERS, build_sampler
 
 pytest.importorskip("lightning_modules")
-from lightning_modules import DreamBooth, TextualInversion, load_personalized  # noqa: E402
+from lightning_modules import (CustomDiffusion, DreamBooth, HiFiTextualInversion, LoRA, SVDiff,  # noqa: E402
+                               TextualInversion, load_personalized)
 
 STEPS = 2
 TEMPLATES = ["a {} on the beach", "a red {}"]
 SHORT = {"switching": {"t_sw": 1}, "multistage": {"t_sw": 1}, "masked": {"t_sw": 1},
          "photoswap": {"t_sf": 1, "t_cm": 1, "t_sm": 2}}
+BACKBONES = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-pixart": "pixart-alpha"}
+#: the methods of the matrix, with the smallest settings that reach every code path
+METHODS = {
+    "textual_inversion": (TextualInversion, {"placeholder": "<toy-x>"}),
+    "dreambooth": (DreamBooth, {"placeholder": "sks"}),
+    "hifi": (HiFiTextualInversion, {"placeholder": "sks", "num_tokens": 2, "global_steps": 1, "num_ddim_steps": STEPS,
+                                    "steps_per_timestep": 1}),
+    "custom_diffusion": (CustomDiffusion, {"placeholder": "<new1>"}),
+    "svdiff": (SVDiff, {"placeholder": "sks"}),
+    "lora": (LoRA, {"placeholder": "sks", "rank": 2}),
+}
+#: methods that change only the concept's tokens (the superclass prompt sees the base model)
+TOKEN_ONLY = {"textual_inversion", "hifi"}
+#: settings a backbone needs (PixArt-α's T5 stays frozen)
+BACKBONE_KWARGS = {("tiny-pixart", "svdiff"): {"train_text_encoder": False}}
+#: (backbone, method) pairs that do not apply, and the start of the reason each method gives
+NOT_APPLICABLE = {
+    ("tiny-sdxl", "hifi"): "its c_s replaces the last n rows of one CLIP encoder's output",
+    ("tiny-pixart", "hifi"): "its c_s sits in padding positions",
+    ("tiny-pixart", "textual_inversion"): "T5's embedding table is padded past its vocabulary",
+    ("tiny-pixart", "custom_diffusion"): "its modifier token needs new T5 tokens",
+}
+PAIRS = [(b, m) for b in BACKBONES for m in METHODS if (b, m) not in NOT_APPLICABLE]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,26 +59,33 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def make(backbone: str, name: str):
+    cls, kwargs = METHODS[name]
+    return build(cls, pretrained_model=backbone, superclass="toy", **kwargs, **BACKBONE_KWARGS.get((backbone, name), {}))
+
+
 def perturbed(module, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad:
-                p.add_(0.5 * torch.randn(p.shape, generator=g) * p.detach().std().clamp_min(0.02))
+                scale = p.detach().std().clamp_min(0.02) if p.numel() > 1 else 0.02  # SVDiff: 1-element shifts
+                p.add_(0.5 * torch.randn(p.shape, generator=g) * scale)
+    if isinstance(module, HiFiTextualInversion):
+        module.phases_started.fill_(module.num_ddim_steps)  # every step-wise embedding counts as trained
     return module.eval()
 
 
-@pytest.fixture(scope="module", params=["textual_inversion", "dreambooth"])
+@pytest.fixture(scope="module", params=PAIRS, ids=[f"{b}-{m}" for b, m in PAIRS])
 def method(request, tmp_path_factory):
-    """(in-memory module, the module reloaded from its artifact, the plain base model)."""
-    if request.param == "textual_inversion":
-        module = build(TextualInversion, pretrained_model="tiny", placeholder="<toy-x>", superclass="toy")
-    else:
-        module = build(DreamBooth, pretrained_model="tiny", placeholder="sks", superclass="toy")
-    folder = perturbed(module).save_artifact(tmp_path_factory.mktemp(request.param) / "artifact")
+    """(method name, in-memory module, the module reloaded from its artifact, the plain base model)."""
+    backbone, name = request.param
+    module = make(backbone, name)
+    assert module.backbone.name == BACKBONES[backbone]
+    folder = perturbed(module).save_artifact(tmp_path_factory.mktemp(f"{backbone}-{name}") / "artifact")
     loaded = load_personalized(None, folder)
-    base = load_personalized("tiny", superclass="toy", placeholder=module.placeholder)
-    return request.param, module, loaded, base
+    base = load_personalized(backbone, superclass="toy", placeholder=module.placeholder)
+    return name, module, loaded, base
 
 
 def sample(model, name):
@@ -62,16 +97,27 @@ def sample(model, name):
 def test_every_sampler_runs_on_the_artifact(method, name):
     kind, module, loaded, base = method
     assert type(loaded) is type(module) and isinstance(loaded, PersonalizedModel)
+    assert loaded.backbone.name == module.backbone.name
     assert isinstance(base, BaseModel)
     out = sample(loaded, name)
     assert out.images.shape == (2, 3, 32, 32) and out.images.isfinite().all()
     torch.testing.assert_close(out.images, sample(module, name).images, atol=1e-5, rtol=0)  # artifact round trip
     base_images = sample(base, name).images
-    if name == "superclass" and kind == "textual_inversion":
-        # TI changes only the new token: the superclass prompt sees the base model unchanged
+    if name == "superclass" and kind in TOKEN_ONLY:
+        # TI and HiFi change only the concept's tokens: the superclass prompt sees the base model unchanged
         torch.testing.assert_close(out.images, base_images, atol=1e-5, rtol=0)
     else:
         assert (out.images - base_images).abs().max() > 1e-4  # the method's conditioning or weights are used
+
+
+@pytest.mark.parametrize("backbone,name", list(NOT_APPLICABLE), ids=[f"{b}-{m}" for b, m in NOT_APPLICABLE])
+def test_a_pair_that_does_not_apply_fails_with_the_methods_reason(backbone, name):
+    """Not skipped: building the method on that backbone raises its clear error (naming the
+    method, the backbone and what to use instead), so no sampler ever runs on it."""
+    cls = METHODS[name][0]
+    with pytest.raises(ValueError, match=f"{cls.__name__} does not apply to {BACKBONES[backbone]} models: "
+                                         f"{NOT_APPLICABLE[(backbone, name)]}.*; use "):
+        make(backbone, name)
 
 
 def test_masked_sampler_locates_every_vector_of_a_multi_vector_token():
