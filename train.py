@@ -63,6 +63,12 @@ class PersonalizeCLI(LightningCLI):
             if getattr(self.trainer, key) == 0:
                 raise UserError(f"--trainer.{key} 0 trains nothing",
                                 fix=f"set --trainer.{key} to 1 or more (or -1 / leave it unset for no limit)")
+        # refuse a run whose artifact would replace another run's, before the logger starts a run
+        from callbacks.export import ExportArtifact
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ExportArtifact):
+                callback.check(self.trainer, self.model, self.datamodule)
 
 
 def follow_run_folder(config) -> None:

@@ -25,7 +25,7 @@ ARTIFACT_MANIFEST = "personalize.json"
 IDENTITY_KEYS = ("method", "pretrained_model", "placeholder", "superclass", "concept")
 
 
-def run_identity(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, datamodule=None) -> dict:
     """What this run's artifact is: method, base model, placeholder, superclass and a
     fingerprint of the concept images (the DataModule's ``fingerprint()``, if it has one)."""
     hparams = getattr(pl_module, "hparams", {})
@@ -36,7 +36,7 @@ def run_identity(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         "superclass": getattr(pl_module, "superclass", hparams.get("superclass")),
         "concept": None,
     }
-    fingerprint = getattr(getattr(trainer, "datamodule", None), "fingerprint", None)
+    fingerprint = getattr(datamodule or getattr(trainer, "datamodule", None), "fingerprint", None)
     if callable(fingerprint):
         identity["concept"] = fingerprint()
     return identity
@@ -95,13 +95,12 @@ class ExportArtifact(L.Callback):
         base = trainer.log_dir or trainer.default_root_dir
         return Path(base) / "artifact"
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Refuse, before the model loads and trains, a run whose artifact would replace
-        another run's (the ranks agree on it)."""
-        if stage != "fit":
-            return
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, datamodule=None) -> None:
+        """Refuse a run whose artifact would replace another run's (a UserError). train.py
+        calls it before ``fit`` starts (before the logger starts a run); :meth:`setup`
+        calls it again on every rank (rank 0 looks, the ranks agree)."""
         folder = self.resolve_dir(trainer)  # trainer.log_dir is a collective: every rank
-        self._identity = run_identity(trainer, pl_module)
+        self._identity = run_identity(trainer, pl_module, datamodule)
         conflict = artifact_conflict(folder, self._identity) if trainer.is_global_zero else None
         conflict = trainer.strategy.broadcast(conflict)
         if conflict is None:
@@ -111,6 +110,10 @@ class ExportArtifact(L.Callback):
             rank_zero_warn(f"overwrite: {problem}; replacing it at the end of training as asked.")
             return
         raise UserError(problem, fix=fix)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before the model loads and trains
+            self.check(trainer, pl_module)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:  # the same on every rank
