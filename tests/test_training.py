@@ -186,3 +186,49 @@ def test_multi_vector_placeholder_expansion_is_idempotent():
     assert module.concept_phrase == "<ball1> <ball1>_1 <ball1>_2"
     ids = module.tokenizer(module.concept_phrase, add_special_tokens=False).input_ids
     assert ids == module.tokenizer.convert_tokens_to_ids(["<ball1>", "<ball1>_1", "<ball1>_2"])
+
+
+def test_repeated_prompts_encoded_once_same_loss_and_gradient(demo_dm):
+    """A trained text side encodes each distinct prompt of a batch once: the loss and the
+    new token's gradient equal those of encoding every row on its own."""
+    module = make(TextualInversion, {"placeholder": "<ball1>", "num_vectors": 2})
+    prompts = ["a photo of <ball1>", "a photo of <ball1>", "a <ball1> on the beach", "a photo of <ball1>"]
+    timesteps = torch.tensor([10, 500, 900, 300])
+    calls = []
+    encode = module.encode_prompts
+    module.encode_prompts = lambda ps, t=None: calls.append(list(ps)) or encode(ps, t)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grad(cond):
+        pred = module.components.predict(latents, timesteps, cond)
+        loss = pred.square().mean()
+        (grad,) = torch.autograd.grad(loss, module.token_embedding.new)
+        return loss.detach(), grad
+
+    deduped = loss_and_grad(module.encode_training_prompts(prompts, timesteps))
+    assert calls == [["a photo of <ball1>", "a <ball1> on the beach"]]
+    row_by_row = loss_and_grad(torch.cat([encode([p]) for p in prompts]))
+    torch.testing.assert_close(deduped[0], row_by_row[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(deduped[1], row_by_row[1], rtol=1e-5, atol=1e-8)
+    assert deduped[1].abs().sum() > 0
+
+
+def test_default_optimizer_is_fused_adamw_with_the_plain_update(demo_dm):
+    """The default AdamW runs fused (one kernel over all tensors) on CPU/CUDA parameters
+    and makes the same update as torch's per-tensor AdamW."""
+    module = make(DreamBoothQKV, {})
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    plain = torch.optim.AdamW(reference, lr=opt.defaults["lr"], weight_decay=opt.defaults["weight_decay"],
+                              foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, reference):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        plain.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
