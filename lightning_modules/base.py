@@ -42,7 +42,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from components.conditioning import Cond, cat
 from components.errors import MissingFileError, UserError
 from components.loader import DiffusionComponents, as_dtype, load_components
-from components.personalized import fill, tokenize
+from components.personalized import fill, phrase_token_positions, text_tokens, tokenize
 
 ARTIFACT_MANIFEST = "personalize.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -206,6 +206,17 @@ class PersonalizationModule(L.LightningModule):
         """The backbone's conditionings of fully written prompts (PersonalizedModel):
         (B, L, D) hidden states, or hidden states with extras (components.conditioning)."""
         return self.components.encode(prompts)
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """The token id behind each conditioning row of a written prompt (PersonalizedModel);
+        ``NO_TOKEN`` where the method writes learned vectors instead of tokens."""
+        return text_tokens(self.tokenizer, prompt)
+
+    def concept_token_positions(self, template: str) -> list[int]:
+        """Conditioning rows of ``fill(template, concept_phrase)`` that carry the concept
+        (PersonalizedModel). Default: the phrase's tokens that are not superclass tokens
+        (DreamBooth's ``sks``); methods with new tokens or learned rows override it."""
+        return phrase_token_positions(self.tokenizer, template, self.concept_phrase, self.superclass)
 
     def encode_training_prompts(self, prompts: Sequence[str], timesteps: torch.Tensor) -> Cond:
         """Conditionings for a training batch; cached while the text side is frozen."""

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.personalized import fill
 from lightning_modules.base import PersonalizationModule
 from lightning_modules.textual_inversion import EMBEDS_FILE
-from lightning_modules.tokens import add_concept_tokens, concept_token_state, load_concept_token_state
+from lightning_modules.tokens import add_concept_tokens, added_token_positions, concept_token_state, load_concept_token_state
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 
@@ -93,6 +94,11 @@ class CustomDiffusion(PersonalizationModule):
                 attn.to_v.register_forward_hook(_detach_start_token)
         if self.hparams.modifier_token:
             add_concept_tokens(self, self.placeholder, 1, self.hparams.initializer_token)
+
+    def concept_token_positions(self, template: str) -> list[int]:
+        """The modifier token V* (by token id); without one, the placeholder word's tokens."""
+        positions = added_token_positions(self, fill(template, self.concept_phrase)) if self.hparams.modifier_token else []
+        return positions or super().concept_token_positions(template)
 
     # ------------------------------------------------------------------ artifact
 

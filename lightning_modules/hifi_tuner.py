@@ -47,7 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.personalized import encode_text
+from components.personalized import NO_TOKEN, encode_text, fill, text_tokens
 from lightning_modules.base import PersonalizationModule
 
 EMBEDDINGS_FILE = "hifi_embeddings.safetensors"
@@ -189,6 +189,21 @@ class HiFiTextualInversion(PersonalizationModule):
         texts, marked = self._split_marked(prompts)
         c = encode_text(self.tokenizer, self.text_encoder, texts)  # (B, L, D)
         return self.substitute(c, marked, self.embedding_at(timestep))
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """The text tokens of the prompt without the placeholder; a marked prompt's last n
+        rows are c_s (``NO_TOKEN``)."""
+        texts, marked = self._split_marked([prompt])
+        ids = text_tokens(self.tokenizer, texts[0])
+        if marked[0]:
+            ids[-self.num_tokens:] = [NO_TOKEN] * self.num_tokens
+        return ids
+
+    def concept_token_positions(self, template: str) -> list[int]:
+        """The last n rows, where c_s (c_s^t) sits: the placeholder is not in the text the
+        encoder reads, so a position in the prompt string would point at the wrong token."""
+        length = len(self.prompt_tokens(fill(template, self.concept_phrase)))
+        return list(range(length - self.num_tokens, length))
 
     def encode_training_prompts(self, prompts: Sequence[str], timesteps: torch.Tensor) -> torch.Tensor:
         """Training: the embedding of the current phase; evaluation: that of each timestep.

@@ -15,8 +15,15 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.personalized import fill
 from lightning_modules.base import PersonalizationModule
-from lightning_modules.tokens import add_concept_tokens, concept_token_state, expand_placeholder, load_concept_token_state
+from lightning_modules.tokens import (
+    add_concept_tokens,
+    added_token_positions,
+    concept_token_state,
+    expand_placeholder,
+    load_concept_token_state,
+)
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 
@@ -64,6 +71,14 @@ class TextualInversion(PersonalizationModule):
     def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
         prompts = [expand_placeholder(p, self.placeholder, self.hparams.num_vectors) for p in prompts]
         return self.components.encode(prompts)
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        return super().prompt_tokens(expand_placeholder(prompt, self.placeholder, self.hparams.num_vectors))
+
+    def concept_token_positions(self, template: str) -> list[int]:
+        """Every vector of the new token (``<p> <p>_1 ...``), found by token id."""
+        positions = added_token_positions(self, fill(template, self.concept_phrase))
+        return positions or super().concept_token_positions(template)
 
     def save_artifact_files(self, folder: Path) -> None:
         save_file(concept_token_state(self, self.placeholder), str(folder / EMBEDS_FILE))

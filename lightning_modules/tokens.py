@@ -124,3 +124,12 @@ def load_concept_token_state(module, placeholder: str, state: dict[str, torch.Te
         target = encoder.get_input_embeddings().new
         with torch.no_grad():
             target.copy_(state[keys[name]].reshape(target.shape))
+
+
+def added_token_positions(module, prompt: str) -> list[int]:
+    """Positions of the tokens added by :func:`add_tokens` in ``prompt`` as the module's
+    (first) text encoder reads it."""
+    ids = module.prompt_tokens(prompt)
+    embeddings = module.text_encoder.get_input_embeddings()
+    first_new = embeddings.num_base if isinstance(embeddings, ExtendedEmbedding) else None
+    return [] if first_new is None else [i for i, t in enumerate(ids) if t >= first_new]

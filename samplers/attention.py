@@ -29,7 +29,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from components.personalized import fill
+from components.personalized import NO_TOKEN, fill, text_tokens
+from components.personalized import phrase_token_positions
 
 
 class AttentionControl:
@@ -291,22 +292,42 @@ class AttentionInjection(AttentionControl):
 
 
 def token_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    return text_tokens(tokenizer, prompt)
 
 
-def align_tokens(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map each token position of ``target`` to the same token in ``source``.
+def align_token_ids(source: Sequence[int], target: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map each row of ``target`` to the row holding the same token in ``source``.
 
     Returns (index, alpha), each (S,): for positions inside a block of tokens shared by
-    both prompts (difflib's matching blocks), index is the source position and alpha 1;
-    elsewhere (e.g. the concept identifier the superclass prompt lacks) alpha is 0.
+    both (difflib's matching blocks), index is the source position and alpha 1;
+    elsewhere (the concept identifier the superclass prompt lacks, rows of learned
+    vectors, :data:`~components.personalized.NO_TOKEN`) alpha is 0.
     """
-    src, tgt = token_ids(tokenizer, source), token_ids(tokenizer, target)
+    src = [("src", i) if t == NO_TOKEN else t for i, t in enumerate(source)]  # learned rows match nothing
+    tgt = [("tgt", i) if t == NO_TOKEN else t for i, t in enumerate(target)]
     index, alpha = torch.arange(len(tgt)), torch.zeros(len(tgt))
     for block in difflib.SequenceMatcher(None, src, tgt, autojunk=False).get_matching_blocks():
         index[block.b : block.b + block.size] = torch.arange(block.a, block.a + block.size)
         alpha[block.b : block.b + block.size] = 1.0
     return index, alpha
+
+
+def align_tokens(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`align_token_ids` of two prompts written as text tokens (difflib's matching
+    blocks: e.g. the concept identifier the superclass prompt lacks gets alpha 0)."""
+    return align_token_ids(token_ids(tokenizer, source), token_ids(tokenizer, target))
+
+
+def align_prompts(model, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`align_token_ids` of two prompts as ``model`` conditions on them
+    (:meth:`~components.personalized.PersonalizedModel.prompt_tokens`: HiFi Tuner's
+    text without the placeholder, its c_s rows matching nothing)."""
+    return align_token_ids(model.prompt_tokens(source), model.prompt_tokens(target))
+
+
+def learned_rows(model, prompt: str) -> list[int]:
+    """Rows of a prompt's conditioning that hold learned vectors, not text tokens."""
+    return [j for j, t in enumerate(model.prompt_tokens(prompt)) if t == NO_TOKEN]
 
 
 def align_tokens_photoswap(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,26 +368,9 @@ def align_tokens_photoswap(tokenizer, source: str, target: str) -> tuple[torch.T
     return index, alpha
 
 
-def concept_token_positions(tokenizer, template: str, concept_phrase: str, superclass: str) -> list[int]:
-    """Positions of the concept token(s) in the filled concept prompt.
-
-    The concept phrase ("sks dog", "<cat-toy>") sits right after the template's prefix;
-    its tokens that are not superclass tokens ("sks") are the concept tokens. When the
-    phrase has none (a phrase equal to the superclass) all its tokens count.
-    """
-    prefix = " ".join(template.split("{}")[0].split())
-    n_prefix = len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0
-    phrase = tokenizer(concept_phrase, add_special_tokens=False).input_ids
-    ids = token_ids(tokenizer, fill(template, concept_phrase))
-    start = n_prefix + _leading_special_tokens(tokenizer)  # after CLIP's <|startoftext|>; T5 has none
-    if ids[start : start + len(phrase)] != phrase:
-        raise ValueError(
-            f"could not locate the concept phrase {concept_phrase!r} in the tokens of template {template!r}; "
-            f"is the prompt longer than the tokenizer's {tokenizer.model_max_length} tokens?"
-        )
-    superclass_ids = set(tokenizer(superclass, add_special_tokens=False).input_ids)
-    positions = [start + j for j, tok in enumerate(phrase) if tok not in superclass_ids]
-    return positions or list(range(start, start + len(phrase)))
+#: the concept phrase's own tokens in a prompt string (the default of
+#: PersonalizedModel.concept_token_positions; samplers ask the model, see concept_weights)
+concept_token_positions = phrase_token_positions
 
 
 def superclass_token_positions(tokenizer, template: str, superclass: str) -> list[int]:
@@ -410,6 +414,18 @@ def superclass_token_weights(tokenizer, templates: Sequence[str], superclass: st
     return position_weights(
         tokenizer.model_max_length, [superclass_token_positions(tokenizer, t, superclass) for t in templates]
     )
+
+
+def concept_weights(model, templates: Sequence[str]) -> torch.Tensor:
+    """(B, S) weights, 1/n at each cell's n concept rows, as the model places them
+    (:meth:`~components.personalized.PersonalizedModel.concept_token_positions`: the
+    identifier, every vector of a new token, HiFi Tuner's c_s rows)."""
+    length = len(model.prompt_tokens(fill(templates[0], model.concept_phrase))) if templates else 0
+    positions = [model.concept_token_positions(t) for t in templates]
+    for t, pos in zip(templates, positions):
+        if not pos:
+            raise ValueError(f"{type(model).__name__} names no concept token in template {t!r}")
+    return position_weights(length, positions)
 
 
 def position_weights(length: int, positions: Sequence[Sequence[int]]) -> torch.Tensor:

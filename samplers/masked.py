@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
-from samplers.attention import ConceptMapStore, attention_control, concept_token_weights, superclass_token_weights
+from samplers.attention import ConceptMapStore, attention_control, concept_weights, superclass_token_weights
 from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Sampler, Scale, mixed_key, scale_at
 from samplers.registry import register
 
@@ -67,7 +67,7 @@ class MaskedSampler(Sampler):
     def attention(self, run: Run):
         model, templates = run.model, [t for t, _ in run.cells]
         if self.mask_from == "concept":  # the concept tokens of the concept branch (branch 1 of u, c, s)
-            weights = concept_token_weights(run.components.tokenizer, templates, model.concept_phrase, model.superclass)
+            weights = concept_weights(model, templates)  # where the model puts its concept (HiFi Tuner: c_s rows)
         else:  # the superclass word of the superclass branch (branch 2)
             weights = superclass_token_weights(run.components.tokenizer, templates, model.superclass)
         branch = MASK_SOURCES[self.mask_from]

@@ -51,10 +51,11 @@ import torch.nn.functional as F
 from samplers.attention import (
     AttentionInjection,
     _layer_size,
-    align_tokens,
+    align_prompts,
     align_tokens_photoswap,
     attention_control,
-    concept_token_weights,
+    concept_weights,
+    learned_rows,
     superclass_token_weights,
 )
 from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Scale, cfg_key, scale_at
@@ -144,10 +145,14 @@ class PhotoswapSampler(ConceptSampler):
             length = tokenizer.model_max_length
             index, alpha = torch.arange(length).expand(run.batch, length).clone(), torch.ones(run.batch, length)
         else:
-            align = align_tokens if self.token_map == "aligned" else align_tokens_photoswap
-            maps = [align(tokenizer, s, c) for s, c in pairs]
+            if self.token_map == "aligned":  # rows as the model conditions on them (HiFi Tuner: no placeholder)
+                maps = [align_prompts(run.model, s, c) for s, c in pairs]
+            else:
+                maps = [align_tokens_photoswap(tokenizer, s, c) for s, c in pairs]
             index = torch.stack([m[0] for m in maps])  # (B, S) superclass position of each concept token
             alpha = torch.stack([m[1] for m in maps])  # (B, S) 1 where a concept token has a counterpart
+        for b, (_, c) in enumerate(pairs):
+            alpha[b, learned_rows(run.model, c)] = 0.0  # learned rows (HiFi Tuner's c_s) keep their own maps
         store = None
         if self.local_blend:
             templates = [t for t, _ in run.cells]
@@ -155,7 +160,7 @@ class PhotoswapSampler(ConceptSampler):
             blend = BlendStore(
                 self.blend_threshold,
                 superclass_token_weights(tokenizer, templates, model.superclass),
-                concept_token_weights(tokenizer, templates, model.concept_phrase, model.superclass),
+                concept_weights(model, templates),
             )
             run.state["blend"] = store = blend
         control = AttentionInjection(

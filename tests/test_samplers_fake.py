@@ -94,6 +94,12 @@ class FakeModel:
         self.timestep_dependent = timestep_dependent
         self.encode_calls = []
 
+    def prompt_tokens(self, prompt):
+        return list(range(77))
+
+    def concept_token_positions(self, template):
+        return [2]
+
     def encode_prompts(self, prompts, timestep=None):
         self.encode_calls.append((list(prompts), timestep))
         emb = torch.zeros(len(prompts), 77, 32)
