@@ -341,6 +341,31 @@ def align_tokens_photoswap(tokenizer, source: str, target: str) -> tuple[torch.T
     length = tokenizer.model_max_length
     x = tokenizer(source, truncation=True, max_length=length).input_ids
     y = tokenizer(target, truncation=True, max_length=length).input_ids
+    return align_ids_photoswap(x, y, length)
+
+
+def align_prompts_photoswap(model, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`align_tokens_photoswap` of two prompts as ``model`` conditions on them
+    (:meth:`~components.personalized.PersonalizedModel.prompt_tokens`, padding and learned
+    rows at the end left out of the alignment)."""
+    tokenizer = model.components.tokenizer
+    ids = [_unpadded(model.prompt_tokens(p), tokenizer) for p in (source, target)]
+    return align_ids_photoswap(ids[0], ids[1], tokenizer.model_max_length)
+
+
+def _unpadded(ids: Sequence[int], tokenizer) -> list[int]:
+    """Token ids without the trailing padding (and learned rows), ending with the end token."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out = list(ids)
+    while out and out[-1] in (pad, NO_TOKEN):
+        out.pop()
+    if eos is not None and eos in ids and (not out or out[-1] != eos):
+        out.append(eos)  # CLIP pads with its end token
+    return out
+
+
+def align_ids_photoswap(x: Sequence[int], y: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global alignment of :func:`align_tokens_photoswap` on unpadded token ids."""
     score = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
     move = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]  # 1: skip a target token, 2: skip a source token, 3: pair
     for j in range(1, len(y) + 1):

@@ -52,7 +52,7 @@ from samplers.attention import (
     AttentionInjection,
     _layer_size,
     align_prompts,
-    align_tokens_photoswap,
+    align_prompts_photoswap,
     attention_control,
     concept_weights,
     learned_rows,
@@ -148,7 +148,7 @@ class PhotoswapSampler(ConceptSampler):
             if self.token_map == "aligned":  # rows as the model conditions on them (HiFi Tuner: no placeholder)
                 maps = [align_prompts(run.model, s, c) for s, c in pairs]
             else:
-                maps = [align_tokens_photoswap(tokenizer, s, c) for s, c in pairs]
+                maps = [align_prompts_photoswap(run.model, s, c) for s, c in pairs]
             index = torch.stack([m[0] for m in maps])  # (B, S) superclass position of each concept token
             alpha = torch.stack([m[1] for m in maps])  # (B, S) 1 where a concept token has a counterpart
         for b, (_, c) in enumerate(pairs):

@@ -115,3 +115,23 @@ def test_masked_sampler_reads_the_models_rows(hifi, monkeypatch):
     assert isinstance(hifi, PersonalizedModel)
     build_sampler("masked", num_steps=2, t_sw=1).sample(hifi, [TEMPLATE], num_images=1)
     assert seen and (seen[0][0, -3:] == 1 / 3).all() and seen[0][0, :-3].sum() == 0
+
+
+@pytest.mark.parametrize("token_map", ["aligned", "photoswap", "positional"])
+def test_photoswap_keeps_hifis_c_s_maps_its_own(hifi, monkeypatch, token_map):
+    import samplers.photoswap as photoswap
+
+    seen = []
+
+    class Recording(photoswap.AttentionInjection):
+        def __init__(self, n, source, target, index, alpha, **kwargs):
+            seen.append((index.clone(), alpha.clone()))
+            super().__init__(n, source, target, index, alpha, **kwargs)
+
+    monkeypatch.setattr(photoswap, "AttentionInjection", Recording)
+    build_sampler("photoswap", num_steps=2, t_sf=1, t_cm=1, t_sm=1, token_map=token_map).sample(hifi, [TEMPLATE], num_images=1)
+    index, alpha = seen[0]
+    n = alpha.shape[1]
+    assert (alpha[0, n - 3:] == 0).all()  # c_s rows: their own maps
+    if token_map != "positional":
+        assert torch.equal(index[0, :7], torch.arange(7)) and alpha[0, :7].all()  # <bos> a red ball on the beach
