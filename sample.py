@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     try:  # every check that needs no model, before any work
         sampler = resolve_sampler(args)
+        if hasattr(sampler, "check_ready"):
+            sampler.check_ready()  # reference_guided: its concept images and captions, before any model loads
         templates = resolve_templates(args)
         if args.num_images < 1 or args.batch_size < 1:
             raise ValueError(f"--num-images ({args.num_images}) and --batch-size ({args.batch_size}) must be >= 1")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.loader import DiffusionComponents, load_components  # noqa: E402
 from components.personalized import BaseModel  # noqa: E402
-from samplers import SAMPLERS, build_sampler  # noqa: E402
+from samplers import SAMPLERS, build_sampler, model_only_samplers  # noqa: E402
 from benchmarks.flops import mfu_line, unet_flops_per_row  # noqa: E402
 
 TEMPLATES = ["a {} on the beach", "a {} in the snow", "a red {}", "a {} with a city in the background"]
@@ -117,7 +117,7 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=8, help="images per sampler run")
     parser.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per sampler (the fastest is reported: least disturbed by other load)")
-    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--samplers", nargs="+", default=model_only_samplers(), choices=model_only_samplers())
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="compare compiled (torch.compile MODE) with eager for the first of --samplers")
@@ -180,7 +180,7 @@ def compare_compiled(args, model, device, dtype, flops_row) -> dict:
 
     from components.compile import compile_unet
 
-    name = args.samplers[0] if args.samplers != list(SAMPLERS) else "concept"
+    name = args.samplers[0] if args.samplers != model_only_samplers() else "concept"
     sampler = build_sampler(name, **study_settings(name, args.steps))
     templates = (TEMPLATES * args.images)[: max(1, min(len(TEMPLATES), args.images))]
     per_template = -(-args.images // len(templates))

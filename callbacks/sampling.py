@@ -262,6 +262,8 @@ class SamplerValidation(L.Callback):
             metrics.set_concept(reference, superclass, truth=truth)  # embeddings cached after the first time
             if not mine:
                 continue
+            if hasattr(e.sampler, "use_concept") and trainer.datamodule is not None:
+                e.sampler.use_concept(getattr(trainer.datamodule, "concept_dir", None))  # reference-guided: the source images
             try:  # each sampler on its own: one that fails does not silence the others
                 with compiled_unet(pl_module.components.unet, self.compile, self._compiled):
                     out = e.sampler.sample_cells(pl_module, [cells[k] for k in mine], seed=self.seed,

@@ -206,6 +206,8 @@ def evaluate_cell(model, sampler, subject: Subject, metrics: ConceptMetrics, num
     from callbacks.image_grid import make_grid, to_uint8
 
     metrics.set_concept(subject.images, subject.superclass)
+    if hasattr(sampler, "use_concept"):
+        sampler.use_concept(subject.images)  # reference-guided generation: the subject's source images
     per_call = max(1, batch_size // num_images)
     evals, max_batch, n, kept = 0.0, 0, 0, []
     start = time.perf_counter()
@@ -343,9 +345,13 @@ def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[s
 
             planner = SweepPlanner(unet_batch=cfg.unet_batch)
             done_points = 0
-            for name in dict.fromkeys(s.name for (s, _), _ in mine):
-                subject = next(s for (s, _), _ in mine if s.name == name)
-                cells = [(p, k) for (s, p), k in mine if s.name == name]
+            from samplers import SAMPLERS
+
+            alone = [c for c in mine if not getattr(SAMPLERS.get(c[0][1].sampler), "plannable", True)]
+            shared = [c for c in mine if c not in alone]  # reference-guided runs on its own, below
+            for name in dict.fromkeys(s.name for (s, _), _ in shared):
+                subject = next(s for (s, _), _ in shared if s.name == name)
+                cells = [(p, k) for (s, p), k in shared if s.name == name]
                 points = [p for p, _ in cells]
                 grids = [_grid_path(output, subject.name, p) for p in points] if cfg.save_grids else None
                 before = (planner.stats.naive_rows, planner.stats.rows)
@@ -363,7 +369,7 @@ def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[s
                     judged = f" identity {100 * row['identity']:.1f}% prompt {100 * row['prompt']:.1f}%" if cfg.judge else ""
                     log(f"[eval rank {ranks.rank}] {done_points}/{len(mine)} {subject.name} {point.sampler} "
                         f"{point.label}: CLIP-I {row['clip_i']:.4f} CLIP-T {row['clip_t']:.4f} DINO {row['dino']:.4f}{judged}")
-            mine = []
+            mine = alone
         for j, ((subject, point), key) in enumerate(mine):
             grid = _grid_path(output, subject.name, point) if cfg.save_grids else None
             values = evaluate_cell(models.get(subject), point.build(), subject, metrics, cfg.num_images, cfg.seed,

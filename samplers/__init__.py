@@ -7,7 +7,7 @@
 
 ``model`` is any components.personalized.PersonalizedModel: the plain base model or any
 fine-tuning method's artifact. Strategies: concept (eq. 4), superclass (eq. 5), mixed
-(eq. 6), switching (eq. 7), multistage (eq. 8), masked (eqs. 9-11), profusion, photoswap.
+(eq. 6), switching (eq. 7), multistage (eq. 8), masked (eqs. 9-11), profusion, photoswap, reference_guided (HiFi Tuner's Algorithm 2).
 """
 
 from samplers.base import SampleOutput, Sampler, scale_at
@@ -15,10 +15,20 @@ from samplers.guidance import ConceptSampler, MixedSampler, MultiStageSampler, S
 from samplers.masked import MaskedSampler
 from samplers.photoswap import PhotoswapSampler
 from samplers.profusion import ProFusionSampler
+from samplers.reference_guided import ReferenceGuidedSampler
 from samplers.registry import SAMPLERS, build_sampler, load_sampler_config, register, sampler_from_config
 from samplers.seeding import initial_latents
 
+
+
+def model_only_samplers() -> list[str]:
+    """Names of the samplers that need nothing but a model (every one but those that also
+    read the concept's source images, such as ``reference_guided``), sorted."""
+    return sorted(n for n, cls in SAMPLERS.items() if not getattr(cls, "needs_concept_images", False))
+
+
 __all__ = [
+    "model_only_samplers",
     "SAMPLERS",
     "SampleOutput",
     "Sampler",
@@ -36,4 +46,5 @@ __all__ = [
     "MaskedSampler",
     "ProFusionSampler",
     "PhotoswapSampler",
+    "ReferenceGuidedSampler",
 ]

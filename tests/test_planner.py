@@ -11,7 +11,7 @@ import torch
 from components.loader import load_components
 from components.personalized import BaseModel
 from evaluation.planner import SweepPlanner
-from samplers import SAMPLERS, build_sampler
+from samplers import SAMPLERS, build_sampler, model_only_samplers
 from samplers.base import CONCEPT, UNCOND, Sampler, Run
 
 STEPS = 4
@@ -44,7 +44,7 @@ def test_every_sampler_equals_its_unshared_run(model):
     """All registered samplers in one plan (two settings of the ones that share prefixes),
     cell batches that straddle templates, UNet batches smaller than a round: every image
     equals ``sample_cells`` to 1e-5, and the plan computes fewer rows than it was asked for."""
-    samplers = [short(name) for name in SAMPLERS]
+    samplers = [short(name) for name in model_only_samplers()]  # reference_guided: not plannable
     samplers += [short("switching", t_sw=2), short("masked", t_sw=1, q=0.3),
                  short("masked", t_sw=1, mask_from="superclass"),
                  short("profusion", refine_steps=2), short("profusion", refine_seed=10, refine_images=2), short("mixed", guidance_concept=0.0, guidance_superclass=7.0),

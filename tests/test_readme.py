@@ -135,6 +135,10 @@ SKIP: dict[str, str] = {
     "python benchmarks/bench_samplers.py --model sd2-base-random --device cuda --dtype bfloat16 --compile max-autotune "
     "--batch-size 32": GPU,
     "python benchmarks/bench_training.py --model sd2-base-random --device cuda --precision bf16-mixed": GPU,
+    "python edit.py replace --image in.png --caption \"a red ball on the beach\" --word ball "
+    "--artifact outputs/x/artifact --out out.png":
+        "needs a trained artifact; tests/test_hifi_generation.py runs edit.py replace (and its refusals) in-process "
+        "on a MiniWorld HiFi Tuner artifact",
     "python -m miniworld.study --config configs/miniworld/study.yaml --out outputs/miniworld_study":
         "45 fine-tunings and 1395 cells, hours of CPU; tests/test_miniworld_study.py runs a shortened study",
 }

@@ -1,0 +1,199 @@
+"""HiFi Tuner's generation algorithms measured on MiniWorld (issue 11).
+
+    python -m miniworld.hifi_generation reference --artifact A --concept blue_striped_star --out DIR
+    python -m miniworld.hifi_generation replace --artifact A --concept blue_striped_star --num-images 20 --out DIR
+
+``reference``: reference-guided generation (Algorithm 2) against plain concept sampling
+from the same x_T, on the 25 MiniWorld prompts: CLIP-I, CLIP-T, DINO (the world's encoders),
+the judge's identity accuracy (shape, colour and pattern of the concept) and prompt
+accuracy, and "scene kept": the judge reads the same scene on the guided image as on the
+plain one. ``replace``: subject replacement (Algorithm 3) on held-out world images
+(``World(1)``) that show an object of the concept's superclass and name it in the caption:
+the judge's identity accuracy of the edited image, scene kept (the judge's scene equals
+the source's), PSNR outside the source object's mask (the world's ground truth) against
+the input image and against the null-text reconstruction. Both write ``results.json``
+and a picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAINED = ROOT / "miniworld" / "pretrained"
+
+
+def _grid(rows: list[torch.Tensor], scale: int = 3):
+    """Rows of (N, 3, H, W) images -> a PIL image, each pixel ``scale`` x ``scale``."""
+    from PIL import Image
+
+    pad = 2
+    n = max(len(r) for r in rows)
+    h, w = rows[0].shape[-2:]
+    canvas = torch.ones(3, len(rows) * (h + pad) + pad, n * (w + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            canvas[:, pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = im
+    arr = (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    img = Image.fromarray(arr)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def reference(args) -> dict:
+    from datamodules.concept import miniworld_concept_dir
+    from lightning_modules import load_personalized
+    from metrics import ConceptMetrics
+    from miniworld import PROMPTS
+    from miniworld.judge import load_judge
+    from miniworld.metrics import judge_predictions
+    from samplers import build_sampler
+
+    folder, superclass = miniworld_concept_dir(args.concept)
+    model = load_personalized(None, args.artifact)
+    templates = list(PROMPTS)[: args.num_prompts] if args.num_prompts else list(PROMPTS)
+    metrics = ConceptMetrics(str(PRETRAINED / "clip"), str(PRETRAINED / "dino"), judge=str(PRETRAINED / "judge"))
+    plain = build_sampler("concept", num_steps=args.num_steps, guidance=args.guidance)
+    guided = build_sampler("reference_guided", num_steps=args.num_steps, base="concept",
+                           base_settings={"guidance": args.guidance}, t_s=args.t_s, t_e=args.t_e,
+                           inner_steps=args.inner_steps, lr=args.lr)
+    guided.use_concept(folder)  # the concept's 5 views (and masks, captions from concept.json) are the references
+    out = {"concept": args.concept, "artifact": str(args.artifact), "templates": len(templates),
+           "num_images": args.num_images, "settings": guided.settings()}
+    images = {}
+    for name, sampler in (("plain", plain), ("reference_guided", guided)):
+        t0 = time.time()
+        metrics.set_concept(folder, superclass)
+        parts, evals, steps = [], 0.0, 0.0
+        for i in range(0, len(templates), args.batch_size):
+            o = sampler.sample(model, templates[i : i + args.batch_size], num_images=args.num_images, seed=args.seed,
+                               batch_size=args.batch_size)
+            metrics.update(o.images, o.templates)
+            parts.append(o.images)
+            evals += o.cost["unet_evals_per_image"] * len(o.images)
+            steps += o.cost.get("optimizer_steps_per_image", 0) * len(o.images)
+        images[name] = torch.cat(parts)
+        n = len(images[name])
+        out[name] = {**{k: float(v) for k, v in metrics.compute().items()}, "unet_evals_per_image": evals / n,
+                     "optimizer_steps_per_image": steps / n, "seconds": round(time.time() - t0, 1)}
+        print(name, json.dumps(out[name]), flush=True)
+    # scene kept: the judge reads the same scene on both images of a cell (same x_T)
+    judge = load_judge(PRETRAINED / "judge")
+    a, b = judge_predictions(judge, images["plain"]), judge_predictions(judge, images["reference_guided"])
+    out["scene_kept"] = float((a["scene"] == b["scene"]).float().mean())
+    k = args.figure_prompts * args.num_images
+    images = {name: im[: k : args.num_images] for name, im in images.items()}
+    out["figure_prompts"] = templates[: args.figure_prompts]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    _grid([images["plain"], images["reference_guided"]]).save(Path(args.out) / f"reference_{args.concept}.png")
+    return out
+
+
+def world_images(superclass: str, n: int, seed: int = 1):
+    """The first n held-out world samples showing a ``superclass`` object named in the caption."""
+    from miniworld.world import World
+
+    world = World(seed)
+    found, i = [], 0
+    while len(found) < n and i < 20000:
+        s = world.sample(i)
+        if s.obj.shape == superclass and superclass in s.caption.split():
+            found.append(s)
+        i += 1
+    return found
+
+
+def replace(args) -> dict:
+    from datamodules.concept import miniworld_concept_dir
+    from editing.inversion import psnr
+    from editing.replace import replace_subject
+    from lightning_modules import load_personalized
+    from miniworld.concepts import read_concept_truth
+    from miniworld.judge import load_judge
+    from miniworld.metrics import judge_predictions
+    from miniworld.world import COLOUR_NAMES, PATTERNS, SCENE_NAMES, SHAPE_NAMES
+
+    folder, superclass = miniworld_concept_dir(args.concept)
+    truth = read_concept_truth(folder)
+    model = load_personalized(None, args.artifact)
+    judge = load_judge(PRETRAINED / "judge")
+    samples = world_images(superclass, args.num_images)
+    rows, inputs, edits = [], [], []
+    t0 = time.time()
+    for k, s in enumerate(samples):
+        image = torch.from_numpy(s.image).permute(2, 0, 1).float() / 255
+        mask = torch.from_numpy(s.mask)[None, None]
+        r = replace_subject(model, image, s.caption, superclass, num_steps=args.num_steps, guidance=args.guidance,
+                            inner_steps=args.inner_steps, lr=args.lr)
+        pred = judge_predictions(judge, torch.stack([r.image, image]))
+        ident = (int(pred["shape"][0]) == SHAPE_NAMES.index(truth.shape) and int(pred["colour"][0]) == COLOUR_NAMES.index(truth.colour)
+                 and int(pred["pattern"][0]) == PATTERNS.index(truth.pattern))
+        outside = ~mask
+        rows.append({"caption": s.caption, "edit_prompt": r.edit_prompt, "identity": ident,
+                     "scene_kept": int(pred["scene"][0]) == SCENE_NAMES.index(s.scene),
+                     "source_identity_read": int(pred["colour"][1]) == COLOUR_NAMES.index(s.obj.colour),
+                     "psnr_outside_vs_input": psnr(r.image[None], image[None], outside),
+                     "psnr_outside_vs_reconstruction": psnr(r.image[None], r.reconstruction[None], outside),
+                     "psnr_reconstruction": psnr(r.reconstruction[None], image[None]), "cost": r.cost})
+        inputs.append(image)
+        edits.append(r.image)
+        print(k, json.dumps(rows[-1]), flush=True)
+    mean = lambda key: sum(float(r[key]) for r in rows) / max(len(rows), 1)  # noqa: E731
+    out = {"concept": args.concept, "artifact": str(args.artifact), "num_images": len(rows),
+           "settings": {"num_steps": args.num_steps, "guidance": args.guidance, "inner_steps": args.inner_steps,
+                        "lr": args.lr},
+           "identity": mean("identity"), "scene_kept": mean("scene_kept"),
+           "psnr_outside_vs_input": mean("psnr_outside_vs_input"),
+           "psnr_outside_vs_reconstruction": mean("psnr_outside_vs_reconstruction"),
+           "psnr_reconstruction": mean("psnr_reconstruction"), "seconds": round(time.time() - t0, 1),
+           "unet_evals_per_image": rows[0]["cost"]["unet_evals_per_image"] if rows else 0,
+           "optimizer_steps_per_image": mean_cost(rows, "optimizer_steps_per_image"), "rows": rows}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    m = args.figure_images
+    _grid([torch.stack(inputs[:m]), torch.stack(edits[:m])]).save(Path(args.out) / f"replace_{args.concept}.png")
+    return out
+
+
+def mean_cost(rows, key):
+    return sum(r["cost"][key] for r in rows) / max(len(rows), 1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m miniworld.hifi_generation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("reference", "replace"):
+        p = sub.add_parser(name)
+        p.add_argument("--artifact", required=True)
+        p.add_argument("--concept", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--num-steps", type=int, default=25)
+        p.add_argument("--guidance", type=float, default=7.5)
+        p.add_argument("--inner-steps", type=int, default=10)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "reference":
+            p.add_argument("--t-s", type=int, default=20, help="of --num-steps (paper: 40 of 50)")
+            p.add_argument("--t-e", type=int, default=5, help="of --num-steps (paper: 10 of 50)")
+            p.add_argument("--lr", type=float, default=1e-2)
+            p.add_argument("--num-prompts", type=int, default=0, help="0: all 25")
+            p.add_argument("--num-images", type=int, default=1)
+            p.add_argument("--batch-size", type=int, default=25)
+            p.add_argument("--figure-prompts", type=int, default=8)
+        else:
+            p.add_argument("--lr", type=float, default=5e-2, help="null-text lr (MiniWorld: 5e-2; Mokady et al.: 1e-2)")
+            p.add_argument("--num-images", type=int, default=20)
+            p.add_argument("--figure-images", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    result = reference(args) if args.command == "reference" else replace(args)
+    path = Path(args.out) / f"{args.command}_{args.concept}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
