@@ -4,7 +4,7 @@ step-wise subject representations (Algorithm 1).
 
 Notation (paper -> code):
 
-    c        text-encoder output of the prompt, (L, D)           encode_text(...)
+    c        text-encoder output of the prompt, (L, D)           self.components.encode(...)
     ϕ        the null-text ("") embedding, (L, D)
     ϕ_s      its last n vectors, (n, D)                          self.null_tail
     c_s      the learned vectors, (n, D)                         self.embeddings[0]  (global_embedding)
@@ -16,6 +16,14 @@ How the concept is marked in prompts: the concept phrase is ``"<placeholder> <su
 dog") and gets c_s in its last n positions; every other prompt (the superclass prompt,
 the empty prompt of classifier-free guidance) is encoded unchanged. No token is added
 to the tokenizer.
+
+SD-XL: the conditioning's rows are both CLIP encoders' penultimate hidden states side by
+side, (77, 768 + 1280), so each row of c_s (and of every c_s^t) is one vector per encoder,
+[c_s^L | c_s^G], and ϕ_s is both encoders' rows for "" (as the encoders give them, not the
+zeros SD-XL's pipeline uses for the unconditional prompt: zeros would make the n rows
+identical, and they would stay so). The pooled embedding (``text_embeds``) is the text's
+without the placeholder: c_s enters through cross-attention only, as on SD. PixArt-α is
+not supported (its T5 mask hides the padding rows c_s would occupy).
 
 Training (one Lightning run of ``global_steps + num_ddim_steps · steps_per_timestep``
 optimizer steps): steps below ``global_steps`` train c_s at uniformly random timesteps;
@@ -47,7 +55,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.personalized import NO_TOKEN, encode_text, fill, text_tokens
+from components.conditioning import Cond, cat, hidden_states, with_hidden_states
+from components.personalized import NO_TOKEN, fill, text_tokens
 from lightning_modules.base import PersonalizationModule
 
 EMBEDDINGS_FILE = "hifi_embeddings.safetensors"
@@ -76,8 +85,6 @@ class HiFiTextualInversion(PersonalizationModule):
 
     default_learning_rate = 5e-3  # HiFi Tuner, Adam (paper, Sec. 4)
     unsupported_backbones = {
-        "sdxl": "its c_s replaces the last n rows of one CLIP encoder's output, and SD-XL conditions on two "
-                "encoders and a pooled embedding; use TextualInversion (one vector per encoder) on SD-XL.",
         "pixart-alpha": "its c_s sits in padding positions, which PixArt-α's T5 attention mask hides from the "
                         "transformer; use DreamBooth or LoRA on PixArt-α.",
     }
@@ -98,7 +105,9 @@ class HiFiTextualInversion(PersonalizationModule):
         if self.tokenizer.model_max_length < n + 2:
             raise ValueError(f"num_tokens={n} does not fit in the {self.tokenizer.model_max_length}-token prompt.")
         with torch.no_grad():
-            null = encode_text(self.tokenizer, self.text_encoder, [""])[0].float()  # (L, D): ϕ
+            # (L, D): ϕ, the encoders' rows for "" (SD-XL: both encoders' rows side by side, as
+            # the encoders give them, not the zeros its pipeline uses for guidance)
+            null = hidden_states(self.backbone.encode_text_rows(self.components, [""]))[0].float()
         self.register_buffer("null_tail", null[-n:].clone(), persistent=False)  # (n, D): ϕ_s
         rows = 1 + (self.num_ddim_steps if self.stepwise else 0)
         # (1 + S, n, D): c_s, then c_s^{t_k} per DDIM step, all initialised to ϕ_s; one parameter
@@ -177,17 +186,19 @@ class HiFiTextualInversion(PersonalizationModule):
         texts = [" ".join(pattern.sub(" ", p).split()) for p in prompts]
         return texts, torch.tensor(marked)
 
-    def substitute(self, c: torch.Tensor, marked: torch.Tensor, c_s: torch.Tensor) -> torch.Tensor:
-        """[c, c_s]: the last n vectors of the marked prompts' embeddings become c_s.
+    def substitute(self, cond: Cond, marked: torch.Tensor, c_s: torch.Tensor) -> Cond:
+        """[c, c_s]: the last n vectors of the marked prompts' embeddings become c_s; the
+        backbone's extras (SD-XL's pooled embedding of the text without the placeholder)
+        stay as they are.
 
-        c: (B, L, D); marked: (B,) bool; c_s: (n, D)."""
-        n = self.num_tokens
+        cond: hidden states c (B, L, D), or a Conditioning of them; marked: (B,) bool; c_s: (n, D)."""
+        n, c = self.num_tokens, hidden_states(cond)
         tail = torch.where(marked.to(c.device)[:, None, None], c_s.to(c.dtype).expand(c.shape[0], n, -1), c[:, -n:])
-        return torch.cat([c[:, :-n], tail], dim=1)  # (B, L, D)
+        return with_hidden_states(cond, torch.cat([c[:, :-n], tail], dim=1))  # (B, L, D)
 
-    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> torch.Tensor:
+    def encode_prompts(self, prompts: Sequence[str], timestep: int | None = None) -> Cond:
         texts, marked = self._split_marked(prompts)
-        c = encode_text(self.tokenizer, self.text_encoder, texts)  # (B, L, D)
+        c = self.components.encode(texts)  # (B, L, D) (SD: the text encoder's last hidden states)
         return self.substitute(c, marked, self.embedding_at(timestep))
 
     def prompt_tokens(self, prompt: str) -> list[int]:
@@ -205,14 +216,14 @@ class HiFiTextualInversion(PersonalizationModule):
         length = len(self.prompt_tokens(fill(template, self.concept_phrase)))
         return list(range(length - self.num_tokens, length))
 
-    def encode_training_prompts(self, prompts: Sequence[str], timesteps: torch.Tensor) -> torch.Tensor:
+    def encode_training_prompts(self, prompts: Sequence[str], timesteps: torch.Tensor) -> Cond:
         """Training: the embedding of the current phase; evaluation: that of each timestep.
         The frozen text encoder's outputs are cached; c_s is substituted after (with grad)."""
         texts, marked = self._split_marked(prompts)
         c = self.encode_prompts_cached(texts)  # (B, L, D): the texts hold no placeholder, so c is the text encoder's
         if self.training:
             return self.substitute(c, marked, self.training_embedding())
-        return torch.cat([self.substitute(c[i:i + 1], marked[i:i + 1], self.embedding_at(int(t)))
+        return cat([self.substitute(c[i:i + 1], marked[i:i + 1], self.embedding_at(int(t)))
                           for i, t in enumerate(timesteps)])
 
     # ------------------------------------------------------------------ Algorithm 1

@@ -52,6 +52,35 @@ def test_c_s_fills_the_padding_of_concept_prompts_only():
     assert torch.equal(got[1:], plain[1:])  # the superclass and the empty prompt are untouched
 
 
+def test_on_sdxl_c_s_holds_one_vector_per_encoder_in_the_padding_rows():
+    """SD-XL: c_s rows are [clip_l | clip_g] vectors started at both encoders' rows for ""
+    (not the zeros the pipeline uses for guidance); the marked prompt's pooled embedding and
+    its other rows are those of the text without the placeholder; step-wise rows per DDIM step."""
+    module = make(pretrained_model="tiny-sdxl", num_tokens=3)
+    base = load_components("tiny-sdxl")
+    n, widths = module.num_tokens, [base.text_encoder.config.hidden_size, base.text_encoder_2.config.hidden_size]
+    assert module.embeddings.shape == (1 + module.num_ddim_steps, n, sum(widths))
+    with torch.no_grad():
+        rows = []
+        for tokenizer, encoder in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+            ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+            rows.append(encoder(ids, output_hidden_states=True).hidden_states[-2][0, -n:])  # each encoder's ϕ_s
+        assert torch.equal(module.null_tail, torch.cat(rows, dim=-1))
+        assert module.null_tail.abs().amax() > 0 and not torch.equal(module.null_tail[0], module.null_tail[1])
+        stepwise = module.embeddings[1:]
+        stepwise.add_(torch.arange(1.0, module.num_ddim_steps + 1)[:, None, None])  # c_s^{t_k} = ϕ_s + k + 1
+        module.phases_started.fill_(module.num_ddim_steps)
+        prompts = ["a photo of sks ball", "a photo of ball", ""]
+        plain = base.encode(["a photo of ball", "a photo of ball", ""])
+        for k, t in enumerate(module.stepwise_timesteps.tolist()):
+            got = module.encode_prompts(prompts, t)
+            assert torch.equal(got.hidden_states[0, -n:], stepwise[k])  # c_s^{t_k} at t_k (rows differ per k)
+            assert torch.equal(got.hidden_states[0, :-n], plain.hidden_states[0, :-n])
+            assert torch.equal(got.hidden_states[1:], plain.hidden_states[1:])  # superclass and "" (zeros) untouched
+            assert torch.equal(got.extras["text_embeds"], plain.extras["text_embeds"])
+        assert plain.hidden_states[2].abs().max() == 0  # the pipeline's unconditional stays zeros
+
+
 def test_large_reg_weight_pulls_c_s_to_the_null_text_embedding():
     def distance_after_training(reg_weight: float) -> tuple[float, float]:
         # plain SGD, so the pull of eq. 6 shows undistorted: c_s − ϕ_s shrinks by (1 − 2·lr·w_s) per step

@@ -56,6 +56,8 @@ BACKBONE_METHODS = [
     pytest.param(BOFT, {"pretrained_model": "tiny-sdxl", "num_blocks": 4, "train_text_encoder": True}, id="sdxl-boft"),
     pytest.param(OFT, {"pretrained_model": "tiny-pixart", "block_size": 8}, id="pixart-oft"),
     pytest.param(BOFT, {"pretrained_model": "tiny-pixart", "num_blocks": 4}, id="pixart-boft"),
+    pytest.param(HiFiTextualInversion, {"pretrained_model": "tiny-sdxl", "global_steps": 1, "num_ddim_steps": 3,
+                                        "steps_per_timestep": 1}, id="sdxl-hifi"),
 ]
 ALL_METHODS = METHODS + BACKBONE_METHODS
 
@@ -240,7 +242,6 @@ def test_pixart_lora_artifact_is_diffusers_transformer_format(tmp_path):
 
 
 @pytest.mark.parametrize("cls,kwargs,message", [
-    (HiFiTextualInversion, {"pretrained_model": "tiny-sdxl"}, "does not apply to sdxl models"),
     (HiFiTextualInversion, {"pretrained_model": "tiny-pixart"}, "does not apply to pixart-alpha models"),
     (SVDiff, {"pretrained_model": "tiny-pixart"}, "set train_text_encoder: false"),
     (LoRA, {"pretrained_model": "tiny-pixart", "train_text_encoder": True}, "set train_text_encoder: false"),

@@ -43,7 +43,6 @@ TOKEN_ONLY = {"textual_inversion", "hifi"}
 BACKBONE_KWARGS = {("tiny-pixart", "svdiff"): {"train_text_encoder": False}}
 #: (backbone, method) pairs that do not apply, and the start of the reason each method gives
 NOT_APPLICABLE = {
-    ("tiny-sdxl", "hifi"): "its c_s replaces the last n rows of one CLIP encoder's output",
     ("tiny-pixart", "hifi"): "its c_s sits in padding positions",
     ("tiny-pixart", "textual_inversion"): "T5's embedding table is padded past its vocabulary",
     ("tiny-pixart", "custom_diffusion"): "its modifier token needs new T5 tokens",

@@ -89,6 +89,12 @@ class Backbone:
         states, or a :class:`~components.conditioning.Conditioning` with extras."""
         raise NotImplementedError
 
+    def encode_text_rows(self, components: "DiffusionComponents", prompts: Sequence[str]) -> Cond:
+        """:meth:`encode` as the text encoders give it, without the pipeline's rule for the
+        empty prompt (SD-XL zeroes it for classifier-free guidance): the rows a prompt's
+        padding holds, which HiFi Tuner starts its learned vectors from. Default: ``encode``."""
+        return self.encode(components, prompts)
+
     def predict(self, components: "DiffusionComponents", latents: torch.Tensor, timesteps: torch.Tensor | int,
                 cond: Cond) -> torch.Tensor:
         """The denoiser's (``components.unet``) prediction (ε, v, ... as the scheduler

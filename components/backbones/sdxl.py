@@ -95,6 +95,12 @@ class StableDiffusionXL(Backbone):
         )
 
     def encode(self, components, prompts: Sequence[str]) -> Conditioning:
+        return self._encode(components, prompts, self.options["force_zeros_for_empty_prompt"])
+
+    def encode_text_rows(self, components, prompts: Sequence[str]) -> Conditioning:
+        return self._encode(components, prompts, zero_empty=False)
+
+    def _encode(self, components, prompts: Sequence[str], zero_empty: bool) -> Conditioning:
         from components.personalized import tokenize
 
         c = components
@@ -105,7 +111,7 @@ class StableDiffusionXL(Backbone):
             states.append(out.hidden_states[-2])  # (B, 77, D_i): penultimate layer
             pooled = out[0]  # the last encoder's pooled, projected embedding (B, P)
         hidden = torch.cat(states, dim=-1)  # (B, 77, D_1 + D_2)
-        if self.options["force_zeros_for_empty_prompt"]:
+        if zero_empty:
             empty = torch.tensor([p == "" for p in prompts], device=hidden.device)
             hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
