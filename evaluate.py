@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = p.add_argument_group("subjects and prompts")
     s.add_argument("--dreambooth-root", help="DreamBooth-layout root: one folder per subject + prompts_and_classes.txt")
     s.add_argument("--subjects", nargs="+", help="subject names under --dreambooth-root (default: all)")
-    s.add_argument("--concept-dir", help="a single concept's image folder instead ('demo': the synthetic demo concept)")
+    s.add_argument("--concept-dir", help="a single concept's image folder instead ('demo': the synthetic demo concept; 'miniworld:<concept>': a MiniWorld concept, with its prompts.txt)")
     s.add_argument("--superclass", help="class word of --concept-dir")
     s.add_argument("--prompts", help=f"'auto' (DreamBooth set of the class), 'object', 'live', or a file of templates [{d.prompts}]")
     s.add_argument("--num-prompts", type=int, help=f"keep the first N prompts (0: all 25) [{d.num_prompts}]")

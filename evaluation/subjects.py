@@ -62,9 +62,20 @@ def folder_subject(folder: str | os.PathLike, superclass: str, prompts: str | li
         from datamodules.synthetic import DEMO_SUPERCLASS, demo_concept_dir
 
         folder, superclass, name = demo_concept_dir(), superclass or DEMO_SUPERCLASS, name or "demo"
+    elif str(folder).startswith("miniworld:"):  # the same concept sources as training's ConceptDataModule
+        from datamodules.concept import MINIWORLD_PREFIX, miniworld_concept_dir
+
+        spec = str(folder)[len(MINIWORLD_PREFIX):]
+        folder, world_superclass = miniworld_concept_dir(spec)
+        superclass, name = superclass or world_superclass, name or spec.split(":")[0]
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Concept image folder {folder} does not exist.")
+        from components.errors import MissingFileError
+
+        raise MissingFileError(f"concept image folder {folder} does not exist",
+                               fix="pass a folder of the concept's images, 'demo' or 'miniworld:<concept>'")
     if not superclass or not superclass.strip():
         raise ValueError("A concept folder needs its superclass word (e.g. --superclass dog).")
+    if prompts == "auto" and (folder / "prompts.txt").is_file():
+        prompts = str(folder / "prompts.txt")  # the folder's own prompt set, as in training's validation
     return Subject(name or folder.name, superclass.strip(), folder, resolve_templates(prompts, superclass))

@@ -224,3 +224,19 @@ def test_shared_sweep_scores_equal_the_unshared_sweep(tmp_path):
         assert float(a["unet_evals_per_image"]) == float(b["unet_evals_per_image"])
         for m in ("clip_i", "clip_t", "dino"):
             assert float(a[m]) == pytest.approx(float(b[m]), abs=1e-5)
+
+
+def test_folder_subject_takes_the_training_concept_sources(tmp_path):
+    """evaluate.py's --concept-dir reads the sources training's --data.concept_dir reads:
+    'miniworld:<concept>' gives the world's views, superclass and its own prompt set; a
+    missing folder is one user error naming the fix."""
+    from components.errors import MissingFileError
+    from evaluation.subjects import folder_subject
+    from miniworld.concepts import PROMPTS
+
+    subject = folder_subject("miniworld:orange_checkered_ball", "")
+    assert subject.superclass == "ball" and subject.name == "orange_checkered_ball"
+    assert subject.templates == list(PROMPTS)
+    assert len([p for p in subject.images.glob("*.png") if not p.stem.endswith("_mask")]) == 5
+    with pytest.raises(MissingFileError, match="miniworld:<concept>"):
+        folder_subject(tmp_path / "nothing_here", "dog")
