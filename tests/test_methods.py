@@ -52,10 +52,8 @@ BACKBONE_METHODS = [
     pytest.param(SVDiff, {"pretrained_model": "tiny-pixart", "train_text_encoder": False}, id="pixart-svdiff"),
     pytest.param(CustomDiffusion, {"pretrained_model": "tiny-sdxl", "placeholder": "<new1>", "train_q_out": True},
                  id="sdxl-custom_diffusion_q_out"),
-    pytest.param(OFT, {"pretrained_model": "tiny-sdxl", "block_size": 8}, id="sdxl-oft"),
     pytest.param(BOFT, {"pretrained_model": "tiny-sdxl", "num_blocks": 4, "train_text_encoder": True}, id="sdxl-boft"),
     pytest.param(OFT, {"pretrained_model": "tiny-pixart", "block_size": 8}, id="pixart-oft"),
-    pytest.param(BOFT, {"pretrained_model": "tiny-pixart", "num_blocks": 4}, id="pixart-boft"),
     pytest.param(HiFiTextualInversion, {"pretrained_model": "tiny-sdxl", "global_steps": 1, "num_ddim_steps": 3,
                                         "steps_per_timestep": 1}, id="sdxl-hifi"),
 ]
