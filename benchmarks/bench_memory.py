@@ -18,9 +18,11 @@ so nothing is allocated or downloaded. Reported per method, in GiB:
   training resolution (bf16 compute, as ``bf16-mixed``), counted with
   ``torch.autograd.graph.saved_tensors_hooks`` on the meta device, without and with
   gradient checkpointing. With checkpointing this counts what stays saved outside the
-  checkpointed blocks; the one block recomputed at a time during backward and the
-  blocks' inputs come on top (not counted: a lower bound). Text-encoder activations
-  (77 or 120 tokens) are not counted; latents and prompt embeddings are cached.
+  checkpointed blocks; the one block recomputed at a time during backward comes on top:
+  ``largest block`` is the most one checkpointed block (UNet resnet, transformer block)
+  saves without checkpointing, and ``total, ckpt + 2 x block`` adds it twice (its saved
+  tensors again and their gradients). Text-encoder activations (77 or 120 tokens) and
+  the allocator's fragmentation are not counted; latents are cached.
 
 ``--device cuda`` builds the same components with random weights on the GPU, runs one
 ``diffusion_loss`` + backward + AdamW step per method with bf16 autocast and reports
@@ -108,24 +110,49 @@ def build_module(cls_name: str, kwargs: dict, components, gradient_checkpointing
     return module
 
 
-def saved_activation_bytes(module, resolution: int) -> int:
-    """Bytes autograd saves in one denoiser forward (batch 1, bf16) on the meta device."""
+#: the units diffusers' gradient checkpointing recomputes (UNet resnets, transformer blocks)
+CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
+
+
+def saved_activation_bytes(module, resolution: int) -> tuple[int, int]:
+    """Bytes autograd saves in one denoiser forward (batch 1, bf16) on the meta device, and
+    the most any one checkpointed block (:data:`CHECKPOINTED_BLOCKS`) saves of them: what
+    its recomputation holds again during backward with gradient checkpointing."""
     c = module.components
     h = resolution // c.vae_scale_factor
     x = torch.empty(1, c.unet.config.in_channels, h, h, device="meta", dtype=torch.bfloat16)
     cond = _meta_condition(c, 1)
-    total = 0
+    total, per_block, active = 0, {}, []
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        size = t.numel() * t.element_size()
+        total += size
+        if active:
+            per_block[active[0]] = per_block.get(active[0], 0) + size  # the outermost block
         return t
 
+    def enter(name):
+        def hook(mod, args):
+            active.append(name)  # returns None: the inputs stay as they are
+        return hook
+
+    def leave(mod, args, out):
+        active.pop()  # returns None: the output stays as it is
+
+    handles = []
+    for name, m in module.unet.named_modules():
+        if type(m).__name__ in CHECKPOINTED_BLOCKS:
+            handles += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
     module.unet.to(torch.bfloat16)
     module.unet.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        c.predict(x.requires_grad_(), torch.tensor([500], device="meta"), cond)
-    return total
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            c.predict(x.requires_grad_(), torch.tensor([500], device="meta"), cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total, max(per_block.values(), default=0)
 
 
 def _meta_condition(c, batch: int):
@@ -165,10 +192,15 @@ def estimate(backbone: str, methods: list[str]) -> list[dict]:
                 trainable = sum(p.numel() for p in params if p.requires_grad)
                 weights = sum(t.numel() * t.element_size() for t in [*params, *module.buffers()])
                 row.update(trainable_params=trainable, weights=weights / GIB, grads_adam=trainable * 12 / GIB)
-            key = "activations_ckpt" if checkpointing else "activations"
-            row[key] = saved_activation_bytes(module, resolution) / GIB
+            saved, block = saved_activation_bytes(module, resolution)
+            if checkpointing:
+                row["activations_ckpt"] = saved / GIB
+            else:
+                row.update(activations=saved / GIB, largest_block=block / GIB)
         if "weights" in row and "activations_ckpt" in row:
             row["total_ckpt"] = row["weights"] + row["grads_adam"] + row["activations_ckpt"]
+            # + one block recomputed during backward: its saved tensors again, and their gradients
+            row["total_ckpt_block"] = row["total_ckpt"] + 2 * row["largest_block"]
         rows.append(row)
     return rows
 
@@ -214,16 +246,16 @@ def main(argv=None) -> None:
     run = estimate if args.device == "meta" else measure_cuda
     if args.device == "meta":
         print("| backbone | method | px | trainable params | weights GiB | grads+Adam GiB | activations GiB | "
-              "activations, ckpt GiB (lower bound) | total, ckpt GiB |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+              "activations, ckpt GiB | largest block GiB | total, ckpt GiB | total, ckpt + 2 x block GiB |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for backbone in args.backbones:
         for r in run(backbone, args.methods):
             if "note" in r:
-                print(f"| {r['backbone']} | {r['method']} | | {r['note']} | | | | | |")
+                print(f"| {r['backbone']} | {r['method']} | | {r['note']} | | | | | | | |")
             elif args.device == "meta":
                 print(f"| {r['backbone']} | {r['method']} | {r['resolution']} | {r['trainable_params'] / 1e6:.3f} M | "
                       f"{r['weights']:.2f} | {r['grads_adam']:.2f} | {r['activations']:.2f} | {r['activations_ckpt']:.2f} | "
-                      f"{r['total_ckpt']:.2f} |", flush=True)
+                      f"{r['largest_block']:.2f} | {r['total_ckpt']:.2f} | {r['total_ckpt_block']:.2f} |", flush=True)
             else:
                 print(r, flush=True)
 

@@ -216,6 +216,8 @@ def test_memory_estimate_counts_what_the_method_trains(monkeypatch):
         assert row["trainable_params"] == real.num_trainable_parameters() > 0
         assert row["grads_adam"] * bench.GIB == 12 * row["trainable_params"]
         assert 0 < row["activations_ckpt"] < row["activations"]
+        assert 0 < row["largest_block"] < row["activations"]  # one checkpointed block's share
+        assert row["total_ckpt_block"] == pytest.approx(row["total_ckpt"] + 2 * row["largest_block"])
         # weights: the bytes of every parameter and buffer in the dtype the method leaves it in
         # (SVDiff: W, U, Vᵀ bf16, σ and δ fp32), counted, not assumed
         tensors = [*real.parameters(), *real.buffers()]
