@@ -134,6 +134,10 @@ def replace(args) -> dict:
                  and int(pred["pattern"][0]) == PATTERNS.index(truth.pattern))
         outside = ~mask
         rows.append({"caption": s.caption, "edit_prompt": r.edit_prompt, "identity": ident,
+                     "shape_right": int(pred["shape"][0]) == SHAPE_NAMES.index(truth.shape),
+                     "colour_right": int(pred["colour"][0]) == COLOUR_NAMES.index(truth.colour),
+                     "pattern_right": int(pred["pattern"][0]) == PATTERNS.index(truth.pattern),
+                     "caption_names_a_colour": any(c in s.caption.split() for c in COLOUR_NAMES),
                      "scene_kept": int(pred["scene"][0]) == SCENE_NAMES.index(s.scene),
                      "source_identity_read": int(pred["colour"][1]) == COLOUR_NAMES.index(s.obj.colour),
                      "psnr_outside_vs_input": psnr(r.image[None], image[None], outside),
@@ -146,7 +150,8 @@ def replace(args) -> dict:
     out = {"concept": args.concept, "artifact": str(args.artifact), "num_images": len(rows),
            "settings": {"num_steps": args.num_steps, "guidance": args.guidance, "inner_steps": args.inner_steps,
                         "lr": args.lr},
-           "identity": mean("identity"), "scene_kept": mean("scene_kept"),
+           "identity": mean("identity"), "scene_kept": mean("scene_kept"), "shape_right": mean("shape_right"),
+           "colour_right": mean("colour_right"), "pattern_right": mean("pattern_right"),
            "psnr_outside_vs_input": mean("psnr_outside_vs_input"),
            "psnr_outside_vs_reconstruction": mean("psnr_outside_vs_reconstruction"),
            "psnr_reconstruction": mean("psnr_reconstruction"), "seconds": round(time.time() - t0, 1),

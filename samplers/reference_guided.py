@@ -95,6 +95,10 @@ class ReferenceGuidedSampler(Sampler):
             raise UserError(f"{self.name} needs the concept's source images",
                             fix="set references to the concept folder (e.g. --set references=concepts/dog or "
                                 "references=miniworld:blue_striped_star)")
+        if str(spec) == "demo":  # the synthetic demo concept, as the concept DataModule reads it
+            from datamodules.synthetic import demo_concept_dir
+
+            return demo_concept_dir()
         if str(spec).startswith("miniworld:"):
             from datamodules.concept import miniworld_concept_dir
 

@@ -200,3 +200,17 @@ def test_algorithm_4_places_the_reference_mask_on_the_generated_one():
     # eq. 8: scale, rotation, translation in that order
     theta = torch.tensor([2.0, math.pi / 2, 0.1, 0.0])
     assert torch.allclose(apply(transform_matrix(theta), torch.tensor([[0.0, 0.0]])), torch.tensor([[0.0, 0.2]]), atol=1e-6)
+
+
+def test_v_prediction_models_run_every_algorithm():
+    """SD 2.x layout (v-prediction, the tiny-v preset): inversion, null-text, replacement."""
+    from editing.replace import replace_subject
+    from samplers import build_sampler
+
+    model = BaseModel(load_components("tiny-v"), superclass="dog")
+    result = replace_subject(model, torch.rand(3, 32, 32), "a dog on the beach", "dog", num_steps=3, inner_steps=1)
+    assert result.image.isfinite().all() and result.cost["optimizer_steps_per_image"] <= 3
+    sampler = build_sampler("reference_guided", num_steps=3, t_s=2, t_e=1, inner_steps=1, references="demo",
+                            caption="a {}", dino="tiny")
+    out = sampler.sample(model, ["a {} on the beach"], num_images=1)
+    assert out.images.isfinite().all() and out.cost["optimizer_steps_per_image"] == 2
