@@ -259,3 +259,60 @@ def test_evaluate_runs_reference_guided_next_to_shared_settings(tmp_path):
     # have no masks: 3 more rows per reference picked (1 or 2 of them, over the 2 images)
     assert float(table["reference_guided"]["unet_evals_per_image"]) in (4 + 2 * 6 + 2 + 3 + 1.5, 4 + 2 * 6 + 2 + 3 + 3)
     assert float(table["reference_guided"]["num_images"]) == 2
+
+
+def test_sample_cli_runs_reference_guided_and_refuses_it_without_references(tmp_path, artifacts, monkeypatch, capsys):
+    import sample
+
+    base = ["--artifact", str(artifacts["hifi"]), "--device", "cpu", "--prompts", "a {} on the beach", "--num-images", "1",
+            "--sampler", "reference_guided", "--set", "num_steps=4", "--set", "t_s=2", "--set", "t_e=1",
+            "--set", "inner_steps=1"]
+    out = sample.main(base + ["--set", "references=miniworld:blue_striped_star", "--out", str(tmp_path / "ok")])
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["sampler"] == "reference_guided" and record["cost"]["optimizer_steps_per_image"] == 2
+    assert (out / "p000_i000.png").exists()
+    monkeypatch.setattr(sample, "load_model", lambda args: pytest.fail("the model was loaded before validation"))
+    for extra, message in ((["--out", str(tmp_path / "no")], "needs the concept's source images"),
+                           (["--set", f"references={tmp_path}/missing", "--out", str(tmp_path / "no")], "does not exist")):
+        with pytest.raises(SystemExit) as err:
+            sample.main(base + extra)
+        assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reference_captions_sources(tmp_path):
+    from samplers.reference_guided import reference_captions
+
+    paths = [tmp_path / "00.png", tmp_path / "01.png"]
+    assert reference_captions(tmp_path, paths, "dog", caption="a {} on a sofa") == ["a dog on a sofa"] * 2
+    (tmp_path / "captions.txt").write_text("00.png: a dog on grass\n01: a dog in snow\n")
+    assert reference_captions(tmp_path, paths, "dog") == ["a dog on grass", "a dog in snow"]
+    (tmp_path / "captions.txt").unlink()
+    with pytest.raises(UserError, match="no captions"):
+        reference_captions(tmp_path, paths, "dog")
+    with pytest.raises(UserError, match="BLIP-2 weights"):  # the optional captioner, weights missing
+        reference_captions(tmp_path, paths, "dog", captioner=str(tmp_path / "no-blip2"), images=torch.rand(2, 3, 32, 32))
+    json_folder = tmp_path / "world"
+    json_folder.mkdir()
+    (json_folder / "concept.json").write_text(json.dumps({"scenes": ["beach", "snow"]}))
+    assert reference_captions(json_folder, paths, "star") == ["a star on the beach", "a star in the snow"]
+
+
+def test_sampler_validation_runs_reference_guided_on_the_training_concept(tmp_path):
+    """SamplerValidation hands the DataModule's concept folder to reference_guided."""
+    import lightning as L
+
+    from callbacks.sampling import SamplerValidation
+    from datamodules.concept import ConceptDataModule
+
+    L.seed_everything(0)
+    dm = ConceptDataModule(concept_dir="demo", resolution=32, batch_size=2, repeats=2, validation_prompts="object")
+    model = DreamBooth(pretrained_model="tiny", superclass=dm.superclass, learning_rate=1e-4)
+    cb = SamplerValidation(samplers=[{"sampler": "reference_guided", "num_steps": 2, "t_s": 2, "t_e": 1, "inner_steps": 1,
+                                      "caption": "a {}", "dino": "tiny"}],
+                           clip="tiny", dino="tiny", num_prompts=1, num_images=1, every_n_epochs=None, every_n_steps=2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[cb], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(model, dm)
+    assert {"val/reference_guided/clip_i", "val/reference_guided/dino"} <= set(cb.last_values)
+    assert cb.entries[0].sampler.reference_folder() == __import__("pathlib").Path(dm.concept_dir)
