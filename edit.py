@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--num-steps", type=int, default=50, help="DDIM steps (paper: 50)")
     rep.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance ω (null-text inversion: 7.5)")
     rep.add_argument("--inner-steps", type=int, default=10, help="K, null-text optimization steps per timestep (10)")
+    rep.add_argument("--lr", type=float, default=1e-2,
+                     help="null-text optimization's Adam lr, decayed by (1 - i/100) (Mokady et al.: 1e-2; the MiniWorld "
+                          "model needs about 5e-2 at 25 steps)")
     rep.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     rep.add_argument("--save-reconstruction", action="store_true",
                      help="also write <out>_reconstruction.png (the null-text reconstruction of the input)")
@@ -78,9 +81,9 @@ def check_artifact(folder: str) -> dict:
 def replace(args) -> Path:
     from editing.replace import caption_template
 
-    if args.num_steps < 1 or args.inner_steps < 0 or args.guidance < 0:
-        raise UserError("--num-steps must be >= 1, --inner-steps and --guidance >= 0",
-                        fix="e.g. --num-steps 50 --inner-steps 10 --guidance 7.5")
+    if args.num_steps < 1 or args.inner_steps < 0 or args.guidance < 0 or not args.lr > 0:
+        raise UserError("--num-steps must be >= 1, --inner-steps and --guidance >= 0, --lr > 0",
+                        fix="e.g. --num-steps 50 --inner-steps 10 --guidance 7.5 --lr 0.01")
     caption_template(args.caption, args.word)  # the word is in the caption
     image = read_image(args.image)
     manifest = check_artifact(args.artifact)
@@ -114,7 +117,7 @@ def replace(args) -> Path:
         bars[stage].update(done - bars[stage].n)
 
     result = replace_subject(model, image.to(device), args.caption, args.word, num_steps=args.num_steps,
-                             guidance=args.guidance, inner_steps=args.inner_steps, progress=progress)
+                             guidance=args.guidance, inner_steps=args.inner_steps, lr=args.lr, progress=progress)
     for bar in bars.values():
         bar.close()
     from sample import save_png
