@@ -4,9 +4,11 @@ The artifact records which run made it (``personalize.json``'s ``run``: the meth
 base model, placeholder, superclass and a fingerprint of the concept images). Before
 training starts, a folder holding the artifact of another run is refused (its trained
 weights would be replaced); the same run re-run or resumed may replace its own artifact.
-``overwrite=True`` (``train.py --overwrite_artifact true``) replaces another run's
-artifact deliberately. A folder that holds something other than an artifact is never
-replaced.
+The same holds for the checkpoints: the run's identity is written beside them
+(``run.json`` in each ModelCheckpoint folder) when it starts, and checkpoints of another
+run (one killed before its artifact was written) are refused too. ``overwrite=True``
+(``train.py --overwrite_artifact true``) replaces another run's artifact and checkpoints
+deliberately. A folder that holds something other than an artifact is never replaced.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ ARTIFACT_MANIFEST = "personalize.json"
 #: what makes two runs "the same run" (a difference anywhere else, e.g. the learning rate
 #: or the number of steps, is the same experiment run again)
 IDENTITY_KEYS = ("method", "pretrained_model", "placeholder", "superclass", "concept")
+RUN_FILE = "run.json"  # the run identity, beside the checkpoints
 
 
 def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, datamodule=None) -> dict:
@@ -61,14 +64,38 @@ def artifact_conflict(folder: Path, identity: dict) -> tuple[str, str, bool] | N
             (written, IDENTITY_KEYS[:-1])
     except (OSError, ValueError, AttributeError):
         recorded, keys = {}, IDENTITY_KEYS  # a damaged manifest: not this run's
-    differ = [k for k in keys if recorded.get(k) != identity.get(k)]
-    if not differ:
+    what = _differences(recorded, identity, keys)
+    if not what:
         return None
-    what = ", ".join(f"{k} {recorded.get(k)!r} there, {identity.get(k)!r} here" if k != "concept" else
-                     "other concept images" for k in differ)
     return (f"{folder} holds the artifact of another run ({what}); this run would replace its trained weights",
-            "give this run its own folder: --trainer.default_root_dir outputs/<new name>; or replace that artifact "
-            "deliberately: --overwrite_artifact true (ExportArtifact(overwrite=True))", True)
+            _FIX, True)
+
+
+_FIX = ("give this run its own folder: --trainer.default_root_dir outputs/<new name>; or replace that run's outputs "
+        "deliberately: --overwrite_artifact true (ExportArtifact(overwrite=True))")
+
+
+def _differences(recorded: dict, identity: dict, keys=IDENTITY_KEYS) -> str:
+    differ = [k for k in keys if recorded.get(k) != identity.get(k)]
+    return ", ".join(f"{k} {recorded.get(k)!r} there, {identity.get(k)!r} here" if k != "concept" else
+                     "other concept images" for k in differ)
+
+
+def checkpoint_conflict(folder: Path, identity: dict) -> tuple[str, str, bool] | None:
+    """Checkpoints of another run in ``folder`` (its ``run.json``, written when that run
+    started, names it): a run killed before its artifact was written keeps its last.ckpt."""
+    marker = folder / RUN_FILE
+    if not folder.is_dir() or not marker.is_file() or not any(folder.glob("*.ckpt")):
+        return None
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    what = _differences(recorded if isinstance(recorded, dict) else {}, identity)
+    if not what:
+        return None
+    return (f"{folder} holds the checkpoints of another run ({what}); this run would replace its last.ckpt", _FIX,
+            True)
 
 
 class ExportArtifact(L.Callback):
@@ -100,16 +127,23 @@ class ExportArtifact(L.Callback):
         calls it before ``fit`` starts (before the logger starts a run); :meth:`setup`
         calls it again on every rank (rank 0 looks, the ranks agree)."""
         folder = self.resolve_dir(trainer)  # trainer.log_dir is a collective: every rank
-        self._identity = run_identity(trainer, pl_module, datamodule)
-        conflict = artifact_conflict(folder, self._identity) if trainer.is_global_zero else None
+        self._identity = identity = run_identity(trainer, pl_module, datamodule)
+        checkpoints = [Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        conflict = None
+        if trainer.is_global_zero:
+            conflict = artifact_conflict(folder, identity)
+            for ckpt_dir in checkpoints:
+                conflict = conflict or checkpoint_conflict(ckpt_dir, identity)
         conflict = trainer.strategy.broadcast(conflict)
-        if conflict is None:
-            return
-        problem, fix, replaceable = conflict
-        if self.overwrite and replaceable:
-            rank_zero_warn(f"overwrite: {problem}; replacing it at the end of training as asked.")
-            return
-        raise UserError(problem, fix=fix)
+        if conflict is not None:
+            problem, fix, replaceable = conflict
+            if not (self.overwrite and replaceable):
+                raise UserError(problem, fix=fix)
+            rank_zero_warn(f"overwrite: {problem}; replacing it as asked.")
+        if trainer.is_global_zero:  # this run's checkpoints, from now on
+            for ckpt_dir in checkpoints:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                (ckpt_dir / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # before the model loads and trains

@@ -10,6 +10,7 @@ with a ``dog`` subject), a ``my_concept`` folder and the MiniWorld concept."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -239,8 +240,19 @@ def test_another_runs_artifact_is_refused_unless_asked(tmp_path, monkeypatch, ca
     assert (root / "artifact" / "learned_embeds.safetensors").read_bytes() != weights
     assert manifest(root)["run"] == first["run"]
 
+    # a run killed before its artifact was written keeps its checkpoints: another run's
+    # last.ckpt would replace them (run.json beside them names the run)
+    assert json.loads((root / "checkpoints" / "run.json").read_text()) == first["run"]
+    shutil.move(root / "artifact", tmp_path / "artifact_aside")
+    ckpt = (root / "checkpoints" / "last.ckpt").read_bytes()
+    assert train("lora", root) == 2
+    assert "holds the checkpoints of another run" in error_message(capsys.readouterr().err)
+    assert (root / "checkpoints" / "last.ckpt").read_bytes() == ckpt
+    shutil.move(tmp_path / "artifact_aside", root / "artifact")
+
     # deliberately: --overwrite_artifact true
     assert train("lora", root, "--overwrite_artifact", "true") == 0
+    assert json.loads((root / "checkpoints" / "run.json").read_text())["method"].endswith(".LoRA")
     assert manifest(root)["method"] == "lightning_modules.peft_methods.LoRA" or manifest(root)["method"].endswith(".LoRA")
     assert not (root / "artifact" / "learned_embeds.safetensors").exists()
 
