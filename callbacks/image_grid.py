@@ -1,13 +1,14 @@
 """A basic validation callback: sample the validation prompts and log one image grid.
 
-It uses the diffusers pipeline of the module's components with classifier-free guidance
-on the concept prompt (the full sampler-and-metrics callback is
-:class:`callbacks.sampling.SamplerValidation`). Images are logged as uint8 (float images
+It draws through the project's samplers (:mod:`samplers`; the ``concept`` sampler, eq. 4,
+by default), the same loop as ``sample.py``; the full sampler-and-metrics callback is
+:class:`callbacks.sampling.SamplerValidation`. Images are logged as uint8 (float images
 come out black in offline W&B runs) and also written as PNG files next to the logs.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -58,20 +59,39 @@ def log_grid(trainer: L.Trainer, key: str, grid: np.ndarray, caption: str, step:
 
 class ImageGridLogger(L.Callback):
     """Every ``every_n_epochs`` validation epochs, sample ``num_prompts`` validation prompts
-    × ``num_images`` seeds and log the grid under ``val/images``.
+    × ``num_images`` image indices with one of the project's samplers (:mod:`samplers`, the
+    same code as ``sample.py``) and log the grid under ``val/images``.
+
+    The sampler asks the module for its prompt embeddings at every DDIM step when the module
+    is timestep dependent, so HiFi Tuner's step-wise embeddings show in the grid; SD, SD-XL
+    and PixArt-α models all go through the same loop.
 
     Args:
         num_prompts: rows of the grid (first validation prompts of the DataModule).
-        num_images: columns (image seeds ``seed``, ``seed + 1``, ...).
-        num_steps: DDIM steps; guidance_scale: classifier-free guidance ω.
-        seed: base seed: the same seeds every time, so grids are comparable across steps.
+        num_images: columns (image indices 0 ... num_images − 1 of ``seed``).
+        num_steps: DDIM steps; guidance_scale: the sampler's classifier-free guidance ω
+            (its ``guidance`` setting, for samplers that have one).
+        seed: base seed: the same images every time, so grids are comparable across steps.
         every_n_epochs: how often (in validation epochs).
+        sampler: which sampler draws the grid: a name (``concept``, the default), a sampler
+            YAML path, or a mapping ``{sampler: mixed, guidance_concept: 3.5, ...}``;
+            settings given there win over ``num_steps`` / ``guidance_scale``.
+        batch_size: images per UNet batch.
     """
 
     def __init__(self, num_prompts: int = 4, num_images: int = 2, num_steps: int = 25, guidance_scale: float = 7.5,
-                 seed: int = 0, every_n_epochs: int = 1):
+                 seed: int = 0, every_n_epochs: int = 1, sampler: str | dict = "concept", batch_size: int = 8):
+        from samplers import build_sampler
+        from samplers.registry import parse_sampler_spec, setting_names
+
         self.num_prompts, self.num_images, self.num_steps = num_prompts, num_images, num_steps
         self.guidance_scale, self.seed, self.every_n_epochs = guidance_scale, seed, every_n_epochs
+        self.batch_size = batch_size
+        _, name, settings = parse_sampler_spec(sampler)
+        defaults = {"num_steps": num_steps}
+        if "guidance" in setting_names(name):
+            defaults["guidance"] = guidance_scale
+        self.sampler = build_sampler(name, **{**defaults, **settings})  # bad settings fail now, before training
         self._count = 0
 
     @torch.no_grad()
@@ -82,25 +102,24 @@ class ImageGridLogger(L.Callback):
         log_dir = trainer.log_dir  # a collective under DDP: read on every rank
         if not trainer.is_global_zero or (self._count - 1) % self.every_n_epochs:
             return
-        templates = getattr(trainer.datamodule, "validation_templates", None) or ["a photo of {}"]
-        prompts = [concept_prompt(pl_module, t) for t in templates[: self.num_prompts]]
-        images = self.sample(pl_module, prompts)
-        grid = make_grid(to_uint8(images), rows=len(prompts))
+        templates = (getattr(trainer.datamodule, "validation_templates", None) or ["a photo of {}"])[: self.num_prompts]
+        if hasattr(self.sampler, "use_concept") and trainer.datamodule is not None:
+            self.sampler.use_concept(getattr(trainer.datamodule, "concept_dir", None))  # reference-guided
+        images = self.sample(pl_module, templates)
+        prompts = [concept_prompt(pl_module, t) for t in templates]
+        grid = make_grid(to_uint8(images), rows=len(templates))
         log_grid(trainer, "val/images", grid, " | ".join(prompts), trainer.global_step, log_dir=log_dir)
 
-    def sample(self, pl_module, prompts: list[str]) -> torch.Tensor:
-        c = pl_module.components
-        pipe = c.pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        rng_state = torch.get_rng_state()
-        try:
-            embeds = pl_module.encode_prompts([p for p in prompts for _ in range(self.num_images)])
-            negative = pl_module.encode_prompts([""] * len(embeds))
-            gens = [torch.Generator(pl_module.device).manual_seed(self.seed + j) for _ in prompts for j in range(self.num_images)]
-            inputs = c.backbone.pipeline_inputs(embeds, negative)  # the family's pipeline arguments
-            out = pipe(**inputs, num_inference_steps=self.num_steps,
-                       guidance_scale=self.guidance_scale, generator=gens, output_type="pt", height=c.resolution,
-                       width=c.resolution)
-        finally:
-            torch.set_rng_state(rng_state)
-        return out.images  # (N, 3, H, W) in [0, 1]
+    def sample(self, model, templates: list[str]) -> torch.Tensor:
+        """(len(templates)·num_images, 3, H, W) in [0, 1], template-major: the sampler's images
+        of ``model`` (a PersonalizedModel) with the module's modes, dtypes and RNGs kept."""
+        from callbacks.sampling import preserved_state
+
+        module = isinstance(model, torch.nn.Module)
+        with preserved_state(model) if module else nullcontext():
+            if module:
+                model.eval()
+            out = self.sampler.sample(model, templates, num_images=self.num_images, seed=self.seed,
+                                      batch_size=self.batch_size)
+        return out.images
+

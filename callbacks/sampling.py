@@ -53,21 +53,12 @@ class _Entry:
 
 def _build_entries(specs) -> list[_Entry]:
     """Samplers from names, sampler YAML paths or flat mappings; validated now, before training."""
-    from samplers import build_sampler, load_sampler_config
+    from samplers import build_sampler
+    from samplers.registry import parse_sampler_spec
 
     entries, seen = [], {}
     for spec in specs:
-        if isinstance(spec, str) and spec.endswith((".yaml", ".yml")):
-            name, settings = load_sampler_config(spec)
-            label = Path(spec).stem
-        elif isinstance(spec, str):
-            name, settings, label = spec, {}, spec
-        elif isinstance(spec, dict) and "sampler" in spec:
-            settings = {k: v for k, v in spec.items() if k not in ("sampler", "name")}
-            name, label = spec["sampler"], spec.get("name", spec["sampler"])
-        else:
-            raise ValueError(f"Sampler spec {spec!r}: give a name ('mixed'), a sampler YAML path, or "
-                             "a mapping {sampler: mixed, name: optional log name, <settings>...}.")
+        label, name, settings = parse_sampler_spec(spec)
         seen[label] = seen.get(label, 0) + 1
         label = label if seen[label] == 1 else f"{label}_{seen[label]}"
         entries.append(_Entry(label, build_sampler(name, **settings)))

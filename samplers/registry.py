@@ -61,6 +61,25 @@ def sampler_from_config(path: str | os.PathLike, **overrides: Any) -> Sampler:
     return build_sampler(name, **{**settings, **overrides})
 
 
+def parse_sampler_spec(spec: Any) -> tuple[str, str, dict]:
+    """(label, sampler name, settings) from a sampler spec as configs give it: a name
+    (``"mixed"``), a sampler YAML path, or a flat mapping ``{sampler: mixed, name: optional
+    label, <settings>...}``. The label is the YAML's stem, the mapping's ``name``, else the
+    sampler's name."""
+    from pathlib import Path
+
+    if isinstance(spec, (str, os.PathLike)) and str(spec).endswith((".yaml", ".yml")):
+        name, settings = load_sampler_config(spec)
+        return Path(spec).stem, name, settings
+    if isinstance(spec, str):
+        return spec, spec, {}
+    if isinstance(spec, dict) and "sampler" in spec:
+        settings = {k: v for k, v in spec.items() if k not in ("sampler", "name")}
+        return str(spec.get("name", spec["sampler"])), str(spec["sampler"]), settings
+    raise ValueError(f"Sampler spec {spec!r}: give a name ('mixed'), a sampler YAML path, or "
+                     "a mapping {sampler: mixed, name: optional log name, <settings>...}.")
+
+
 def _sampler_class(name: str) -> type[Sampler]:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

@@ -181,17 +181,14 @@ def test_sweep_planner_packs_conditionings_of_every_backbone(model):
 
 
 def test_image_grid_logger_samples_every_backbone(model):
-    """The grid callback hands the backbone's precomputed conditionings to its pipeline
-    (SD-XL: pooled embeddings; PixArt-α: attention masks)."""
-    from types import SimpleNamespace
-
+    """The grid callback draws through the project's samplers on every backbone (SD-XL:
+    pooled embeddings; PixArt-α: attention masks): its images are the concept sampler's."""
     from callbacks.image_grid import ImageGridLogger
 
-    c = model.components
-    module = SimpleNamespace(components=c, encode_prompts=lambda prompts: c.encode(prompts), device=torch.device("cpu"))
-    with torch.no_grad():
-        images = ImageGridLogger(num_images=2, num_steps=2).sample(module, ["a photo of sks dog"])
+    images = ImageGridLogger(num_images=2, num_steps=2, guidance_scale=5.0).sample(model, ["a photo of {}"])
+    ref = build_sampler("concept", num_steps=2, guidance=5.0).sample(model, ["a photo of {}"], num_images=2, seed=0)
     assert images.shape == (2, 3, 32, 32) and images.isfinite().all()
+    assert torch.equal(images, ref.images)
 
 
 def test_memory_estimate_counts_what_the_method_trains(monkeypatch):
