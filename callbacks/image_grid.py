@@ -17,22 +17,7 @@ import torch
 from PIL import Image
 
 from components.personalized import concept_prompt
-
-
-def make_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one (rows·(H+pad)+pad, cols·(W+pad)+pad, 3) uint8 grid, row-major."""
-    n, h, w, _ = images.shape
-    cols = -(-n // rows)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[k]
-    return grid
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+from components.pixels import make_grid, to_uint8  # noqa: F401 - re-exported (callbacks.image_grid.make_grid)
 
 
 def log_grid(trainer: L.Trainer, key: str, grid: np.ndarray, caption: str, step: int,

@@ -40,7 +40,8 @@ import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.image_grid import log_grid, make_grid, to_uint8
+from callbacks.image_grid import log_grid
+from components.pixels import make_grid, to_uint8
 from components.compile import compiled_unet
 from metrics import DEFAULT_CLIP, DEFAULT_DINO, ConceptMetrics, ReferenceCache, load_clip_backbone, load_dino_backbone
 

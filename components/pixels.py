@@ -1,4 +1,6 @@
-"""PIL images of any mode as 8-bit RGB (what every image reader here hands on).
+"""Image and tensor conversions shared by training callbacks, sampling and evaluation:
+PIL images of any mode as 8-bit RGB (what every image reader here hands on), float image
+batches as uint8 arrays, and image grids.
 
 ``Image.convert("RGB")`` clips instead of scaling: a 16-bit grey PNG (``I;16``) becomes
 white, a float image (``F``) in [0, 1] black, and transparent pixels keep whatever colour
@@ -8,6 +10,7 @@ hides under them. :func:`to_rgb` maps each mode to the 8-bit RGB a viewer shows.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -35,3 +38,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def make_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows·(H+pad)+pad, cols·(W+pad)+pad, 3) uint8 grid, row-major."""
+    n, h, w, _ = images.shape
+    cols = -(-n // rows)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[k]
+    return grid
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
+    z = z.to(vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        z = z + shift
+    x = vae.decode(z).sample
+    return (x / 2 + 0.5).clamp(0, 1)

@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from components.errors import UserError
 from components.pixels import to_rgb
+from datamodules.sources import resolve_source
 from datamodules.prompts import dreambooth_prompts, prompt_set_for_class, read_dreambooth_classes, read_prompt_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = "_mask"
 PROMPTS_FILE = "prompts.txt"  # optional: a concept folder's own validation prompt set
-MINIWORLD_PREFIX = "miniworld:"
 
 
 class ConceptDataError(UserError):
@@ -365,14 +365,9 @@ class ConceptDataModule(L.LightningDataModule):
             concept_dir = str(Path(dreambooth_root) / subject)
         if concept_dir is None:
             raise ConceptDataError("No concept images: set concept_dir (a folder, or 'demo') or dreambooth_root + subject.")
-        if concept_dir == "demo":
-            from datamodules.synthetic import DEMO_SUPERCLASS, demo_concept_dir
-
-            superclass = superclass or DEMO_SUPERCLASS
-            concept_dir = str(demo_concept_dir())
-        elif concept_dir.startswith(MINIWORLD_PREFIX):
-            concept_dir, world_superclass = miniworld_concept_dir(concept_dir[len(MINIWORLD_PREFIX):])
-            superclass = superclass or world_superclass
+        source = resolve_source(concept_dir)  # "demo", "miniworld:<concept>", ... (datamodules.sources)
+        if source is not None:
+            concept_dir, superclass = source.folder, superclass or source.superclass
         if superclass is None or not superclass.strip():
             raise ConceptDataError(
                 "The superclass word is empty: set superclass to the concept's class word, e.g. superclass: dog."
@@ -483,40 +478,6 @@ class ConceptDataModule(L.LightningDataModule):
             h.update(c.path.name.encode())
             h.update(c.image.tobytes())
         return h.hexdigest()[:16]
-
-
-def miniworld_concept_dir(spec: str) -> tuple[str, str]:
-    """A MiniWorld personal concept as a concept folder in the cache (written on first use),
-    and its superclass word. ``spec``: ``<concept>[:<context>][:<views>]``."""
-    import os
-
-    from components.loader import cache_dir
-    from miniworld import CONCEPTS, write_concept
-    from miniworld.concepts import CONTEXTS
-
-    name, *options = spec.split(":")
-    if name not in CONCEPTS:
-        raise ConceptDataError(f"Unknown MiniWorld concept {name!r}: choose one of {', '.join(sorted(CONCEPTS))}.")
-    context, views = "scene", 5
-    for opt in options:
-        if opt in CONTEXTS:
-            context = opt
-        elif opt.isdigit() and 1 <= int(opt) <= 20:
-            views = int(opt)
-        else:
-            raise ConceptDataError(f"miniworld:{spec}: {opt!r} is neither a context ({', '.join(CONTEXTS)}) nor a "
-                                   "number of views (1-20), e.g. miniworld:green_dotted_cube:varied:6.")
-    folder = cache_dir() / f"miniworld-concept-{name}-{context}-{views}-v2"
-    if not (folder / "concept.json").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        write_concept(name, tmp, num_images=views, context=context)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder), CONCEPTS[name].superclass
 
 
 def _list_images(folder: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """Prompt-to-prompt attention control (Hertz et al.) for HiFi Tuner's subject replacement.
 
-Two controls over the attention-processor machinery of ``samplers.attention``:
+Two controls over the attention-processor machinery of ``components.attention``:
 
 * :class:`CrossAttentionStore` records, per DDIM step and per cross-attention layer call
   (in call order), the source prompt's cross-attention probabilities softmax(QKᵀ/√d) of
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from samplers.attention import AttentionControl, align_prompts
+from components.attention import AttentionControl, align_prompts
 
 
 class CrossAttentionStore(AttentionControl):

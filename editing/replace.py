@@ -29,8 +29,8 @@ from components.errors import UserError
 from components.personalized import fill, word_token_positions
 from editing.inversion import Denoiser, denoise, encode_images, invert, null_text_optimization
 from editing.prompt_to_prompt import CrossAttentionReplay, CrossAttentionStore, replacement_plan
-from samplers.attention import attention_control
-from samplers.base import decode
+from components.attention import attention_control
+from components.pixels import decode
 
 
 def caption_template(caption: str, word: str) -> str:
@@ -66,7 +66,7 @@ def replace_subject(model, image: torch.Tensor, caption: str, word: str, num_ste
     tokenizer = model.components.tokenizer
     # free rows of the edit prompt: the concept's rows (c_s^t, new tokens, identifier) and w_g, the rows
     # standing where the source word stood
-    from samplers.attention import align_prompts
+    from components.attention import align_prompts
 
     index, alpha = align_prompts(model, source, edit)
     word_rows = set(word_token_positions(tokenizer, source, word))

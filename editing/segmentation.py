@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from components.errors import UserError
 from components.personalized import word_token_positions
-from samplers.attention import AttentionControl, _layer_size, attention_control
+from components.attention import AttentionControl, _layer_size, attention_control
 
 
 class Segmenter(Protocol):

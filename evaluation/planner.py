@@ -20,7 +20,7 @@ sweep at once and
   timesteps (the UNet takes one timestep per row). Calls with an attention control
   (masked after t_sw, Photoswap's injection) keep their rows together; the other rows
   fill the rest of the batch, and each run's control sees only its own rows
-  (:class:`samplers.attention.SegmentedProcessor`).
+  (:class:`components.attention.SegmentedProcessor`).
 
 Samplers are not changed: each run executes the sampler's own loop (``run_loop``,
 ``step``, ``guide``) in a worker thread that hands its UNet requests to the planner and
@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from components.conditioning import cat
-from samplers.attention import SegmentedProcessor, planned
+from components.attention import SegmentedProcessor, planned
 from samplers.base import Run, Sampler, SampleOutput, _check_model, decode
 
 
@@ -120,7 +120,7 @@ class PlannedRun(Run):
     def __init__(self, planner: "SweepPlanner", worker: _Worker, *args):
         super().__init__(*args)
         self.planner, self.worker = planner, worker
-        self.control = None  # set by samplers.attention.attention_control in this thread
+        self.control = None  # set by components.attention.attention_control in this thread
         self.node = planner.node(("root", tuple(self.cells), self.seed, len(self.scheduler.timesteps)))
         self.key, self.calls, self.z = None, 0, None
 

@@ -203,7 +203,7 @@ def evaluate_cell(model, sampler, subject: Subject, metrics: ConceptMetrics, num
     Templates go to the sampler a few at a time (about ``batch_size`` images per call),
     so memory stays bounded; the latents depend only on (template, image index, seed).
     """
-    from callbacks.image_grid import make_grid, to_uint8
+    from components.pixels import make_grid, to_uint8
 
     metrics.set_concept(subject.images, subject.superclass)
     if hasattr(sampler, "use_concept"):
@@ -241,7 +241,7 @@ def evaluate_points(model, points: list[SweepPoint], subject: Subject, metrics: 
     setting keeps its own metric state. ``seconds`` is the subject's time over its
     settings (they are computed together).
     """
-    from callbacks.image_grid import make_grid, to_uint8
+    from components.pixels import make_grid, to_uint8
 
     metrics.set_concept(subject.images, subject.superclass)
     samplers = [p.build() for p in points]

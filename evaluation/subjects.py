@@ -58,16 +58,11 @@ def dreambooth_subjects(
 def folder_subject(folder: str | os.PathLike, superclass: str, prompts: str | list[str] = "auto", name: str | None = None) -> Subject:
     """One subject from any folder of images and its class word (``"demo"``: the synthetic
     demo concept of the quickstart)."""
-    if str(folder) == "demo":
-        from datamodules.synthetic import DEMO_SUPERCLASS, demo_concept_dir
+    from datamodules.sources import resolve_source
 
-        folder, superclass, name = demo_concept_dir(), superclass or DEMO_SUPERCLASS, name or "demo"
-    elif str(folder).startswith("miniworld:"):  # the same concept sources as training's ConceptDataModule
-        from datamodules.concept import MINIWORLD_PREFIX, miniworld_concept_dir
-
-        spec = str(folder)[len(MINIWORLD_PREFIX):]
-        folder, world_superclass = miniworld_concept_dir(spec)
-        superclass, name = superclass or world_superclass, name or spec.split(":")[0]
+    source = resolve_source(folder)  # the same concept sources as training's ConceptDataModule
+    if source is not None:
+        folder, superclass, name = source.folder, superclass or source.superclass, name or source.name
     folder = Path(folder)
     if not folder.is_dir():
         from components.errors import MissingFileError

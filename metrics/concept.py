@@ -79,9 +79,7 @@ class ConceptMetrics(nn.Module):
         if dino_backbone is not None:
             self.metrics["dino"] = DINOSimilarity(dino_backbone, **kw)
         if judge is not None or judge_model is not None:
-            from miniworld.metrics import load_judge_metrics  # MiniWorld only; imported when asked for
-
-            for name, metric in load_judge_metrics(judge_model if judge_model is not None else str(judge), **kw).items():
+            for name, metric in _judge_plugin().load_judge_metrics(judge_model if judge_model is not None else str(judge), **kw).items():
                 self.metrics[name] = metric
         if not self.metrics:
             raise ValueError("ConceptMetrics needs a CLIP or a DINO backbone: both clip and dino are None.")
@@ -102,9 +100,7 @@ class ConceptMetrics(nn.Module):
                 self.metrics[name].set_reference(embeddings=self.cache.get(self.metrics[name].backbone, real_images))
         if "identity" in self.metrics:
             if truth is None and isinstance(real_images, (str, os.PathLike)):
-                from miniworld.concepts import read_concept_truth
-
-                truth = read_concept_truth(real_images)
+                truth = _judge_plugin().read_concept_truth(real_images)
             if truth is None:
                 raise ValueError(
                     "The judge's identity accuracy needs a MiniWorld concept: no concept.json with the object's ground "
@@ -130,9 +126,7 @@ class ConceptMetrics(nn.Module):
         if "dino" in self.metrics:
             self.metrics["dino"].update(images)
         if "identity" in self.metrics:
-            from miniworld.metrics import judge_predictions
-
-            pred = judge_predictions(self.metrics["identity"].judge, images)  # shared by identity and prompt
+            pred = _judge_plugin().judge_predictions(self.metrics["identity"].judge, images)  # shared by identity and prompt
             for name in JUDGE_METRIC_NAMES:
                 self.metrics[name].update(templates=list(templates), predictions=pred)
 
@@ -156,3 +150,15 @@ class ConceptMetrics(nn.Module):
     def reset(self) -> None:
         for m in self.metrics.values():
             m.reset()
+
+
+#: The module of the judge metrics (MiniWorld's ground truth), named by string and imported
+#: only when a judge is asked for: MiniWorld builds on metrics, not the other way round.
+JUDGE_PLUGIN = "miniworld.metrics"
+
+
+def _judge_plugin():
+    """The judge plugin: ``load_judge_metrics``, ``judge_predictions``, ``read_concept_truth``."""
+    import importlib
+
+    return importlib.import_module(JUDGE_PLUGIN)

@@ -45,7 +45,7 @@ def _grid(rows: list[torch.Tensor], scale: int = 3):
 
 
 def reference(args) -> dict:
-    from datamodules.concept import miniworld_concept_dir
+    from miniworld.sources import miniworld_concept_dir
     from lightning_modules import load_personalized
     from metrics import ConceptMetrics
     from miniworld import PROMPTS
@@ -108,7 +108,7 @@ def world_images(superclass: str, n: int, seed: int = 1):
 
 
 def replace(args) -> dict:
-    from datamodules.concept import miniworld_concept_dir
+    from miniworld.sources import miniworld_concept_dir
     from editing.inversion import psnr
     from editing.replace import replace_subject
     from lightning_modules import load_personalized

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from metrics.similarity import _SumCount
+from miniworld.concepts import read_concept_truth  # noqa: F401 - part of the judge plugin (metrics.concept)
 from miniworld.draw import FINISHES, PATTERNS
 from miniworld.judge import Judge, load_judge
 from miniworld.scenes import SCENES

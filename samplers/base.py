@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from components.conditioning import Cond, cat
 from components.personalized import PersonalizedModel, concept_prompt, fill, superclass_prompt
+from components.pixels import decode  # noqa: F401 - samplers.base.decode
 from samplers.seeding import CellNoise, initial_latents
 
 #: A guidance scale: one number for every step, or one value per step.
@@ -103,7 +104,7 @@ class Run:
         """One batched UNet call over branches (latent (B, C, h, w), prompt kind).
 
         Rows are branch-major: branch k holds rows k·B ... (k+1)·B − 1. Attention
-        controls (samplers.attention) rely on this layout.
+        controls (components.attention) rely on this layout.
         """
         x = torch.cat([z for z, _ in branches])  # (n·B, C, h, w)
         x = self.scheduler.scale_model_input(x, t)
@@ -333,16 +334,6 @@ def cfg_key(kind: str, scale: float) -> tuple:
 def mixed_key(w_c: float, w_s: float) -> tuple:
     """Step key of ``u + ω_s(s − u) + ω_c(c − u)`` (eq. 6)."""
     return ("mixed", float(w_c), float(w_s))
-
-
-def decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
-    z = z.to(vae.dtype) / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        z = z + shift
-    x = vae.decode(z).sample
-    return (x / 2 + 0.5).clamp(0, 1)
 
 
 def _check_model(model) -> None:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
-from samplers.attention import ConceptMapStore, attention_control, concept_weights, superclass_token_weights
+from components.attention import ConceptMapStore, attention_control, concept_weights, superclass_token_weights
 from samplers.base import CONCEPT, SUPERCLASS, UNCOND, Run, Sampler, Scale, mixed_key, scale_at
 from samplers.registry import register
 

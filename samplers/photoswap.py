@@ -4,7 +4,7 @@ Two trajectories start from the same x_T: the concept one (u + ω(c − u), eq. 
 superclass one (u + ω_s(s − u), eq. 5; ω_s = ``guidance_superclass``, by default ω).
 Both go through one 4-branch UNet call per step, rows [u_c, c, u_s, s]. During the
 first steps the superclass branch s drives the concept branch c through attention
-(samplers.attention.AttentionInjection):
+(components.attention.AttentionInjection):
 
 * self-attention features, here the self-attention layer's output (after its output
   projection: what the layer adds to the residual stream);
@@ -48,7 +48,7 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
-from samplers.attention import (
+from components.attention import (
     AttentionInjection,
     _layer_size,
     align_prompts,

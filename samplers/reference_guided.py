@@ -95,15 +95,10 @@ class ReferenceGuidedSampler(Sampler):
             raise UserError(f"{self.name} needs the concept's source images",
                             fix="set references to the concept folder (e.g. --set references=concepts/dog or "
                                 "references=miniworld:blue_striped_star)")
-        if str(spec) == "demo":  # the synthetic demo concept, as the concept DataModule reads it
-            from datamodules.synthetic import demo_concept_dir
+        from datamodules.sources import resolve_source
 
-            return demo_concept_dir()
-        if str(spec).startswith("miniworld:"):
-            from datamodules.concept import miniworld_concept_dir
-
-            spec = miniworld_concept_dir(str(spec)[len("miniworld:"):])[0]
-        return Path(spec)
+        source = resolve_source(spec)  # "demo", "miniworld:<concept>": as the concept DataModule reads them
+        return Path(source.folder if source is not None else spec)
 
     def check_ready(self) -> None:
         """Check what needs no model: the reference folder and a source of captions."""
@@ -285,12 +280,11 @@ def reference_captions(folder: Path, paths, superclass: str, caption: str | None
     meta_path = folder / "concept.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if isinstance(meta.get("captions"), list) and len(meta["captions"]) == len(paths):
-            return [str(c) for c in meta["captions"]]
-        if isinstance(meta.get("scenes"), list) and len(meta["scenes"]) == len(paths):  # MiniWorld concept views
-            from miniworld.scenes import SCENES
+        from datamodules.sources import folder_captions
 
-            return [f"a {superclass} {SCENES[s][0]}" for s in meta["scenes"]]
+        captions = folder_captions(meta, superclass)  # "captions", else a source plugin's (MiniWorld: the scenes)
+        if captions is not None and len(captions) == len(paths):
+            return captions
     if captioner:
         return blip2_captions(captioner, images)
     raise UserError(f"no captions for the reference images in {folder}",

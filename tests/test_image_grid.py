@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks.image_grid import ImageGridLogger, make_grid, to_uint8
+from callbacks.image_grid import ImageGridLogger
+from components.pixels import make_grid, to_uint8
 from components.personalized import concept_prompt
 from conftest import build
 from lightning_modules import DreamBooth, HiFiTextualInversion
