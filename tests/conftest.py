@@ -18,6 +18,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models: threads cost more than they bring, and DDP tests spawn more
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs on one torch thread (tiny tensors; a shared 2-core machine), and a
+    test that changes the thread count leaves the next one unchanged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_folder():
     """The tiny preset as a diffusers pipeline folder (built once per cache)."""

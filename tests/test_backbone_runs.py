@@ -32,14 +32,6 @@ SETUPS = {
 VALIDATION = [{"sampler": "concept", "num_steps": 2}, {"sampler": "masked", "num_steps": 2, "t_sw": 1}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=list(SETUPS))
 def trained(request, tmp_path_factory):
     """(backbone, the trainer's log folder, the artifact folder) of a two-step fit with

@@ -21,14 +21,6 @@ SHORT = {"switching": {"t_sw": 1}, "multistage": {"t_sw": 1}, "masked": {"t_sw":
          "photoswap": {"t_sf": 1, "t_cm": 2, "t_sm": 3}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=list(BACKBONES))
 def model(request):
     return BaseModel(load_components(request.param), superclass="dog")

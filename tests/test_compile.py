@@ -16,11 +16,9 @@ CELLS = [("a {} on the beach", 0), ("a {} on the beach", 1), ("a red {}", 0)]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def reset_dynamo(one_thread):
+    """After each test (on conftest's one thread): forget the compiled graphs."""
     yield
-    torch.set_num_threads(threads)
     torch._dynamo.reset()
 
 

@@ -16,14 +16,6 @@ from samplers.attention import align_prompts, concept_weights
 TEMPLATE = "a red {} on the beach"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hifi():
     return make(HiFiTextualInversion, num_tokens=3, stepwise=False)

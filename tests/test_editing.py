@@ -24,14 +24,6 @@ from samplers.base import decode
 MINIWORLD = "miniworld/pretrained/sd"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world_model():
     return BaseModel(load_components(MINIWORLD), superclass="ball")

@@ -17,14 +17,6 @@ from lightning_modules import HiFiTextualInversion, load_personalized
 from lightning_modules.hifi_tuner import EMBEDDINGS_FILE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(**kwargs) -> HiFiTextualInversion:
     kw = dict(pretrained_model="tiny", placeholder="sks", superclass="ball", learning_rate=1e-2, global_steps=2,
               num_ddim_steps=3, steps_per_timestep=2)

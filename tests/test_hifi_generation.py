@@ -21,14 +21,6 @@ MINIWORLD = "miniworld/pretrained/sd"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturbed(module, seed=0, scale=0.5):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

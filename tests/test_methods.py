@@ -60,15 +60,6 @@ BACKBONE_METHODS = [
 ALL_METHODS = METHODS + BACKBONE_METHODS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on a shared 2-core machine mostly wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def unet_inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 8, 8, generator=g)  # (B, C, h, w): tiny latents

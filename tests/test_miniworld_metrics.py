@@ -16,14 +16,6 @@ JUDGE = "miniworld/pretrained/judge"
 BALL = CONCEPTS["orange_checkered_ball"].obj
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_prompt_targets_read_the_templates():
     assert prompt_targets("a {} on the beach") == (("scene", SCENE_NAMES.index("beach")),)
     # the colour word of a scene phrase asks for the scene, not a colour

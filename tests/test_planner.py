@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 
 import pytest
-import torch
 
 from components.loader import load_components
 from components.personalized import BaseModel
@@ -16,14 +15,6 @@ from samplers.base import CONCEPT, UNCOND, Sampler, Run
 
 STEPS = 4
 CELLS = [("a {} on the beach", 0), ("a {} on the beach", 1), ("a red {}", 0)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import sample
@@ -17,14 +16,6 @@ from samplers import build_sampler
 
 BASE = ["--model", "tiny", "--superclass", "dog", "--device", "cpu", "--seed", "3", "--batch-size", "3"]
 PROMPTS = ["--prompts", "a {} on the beach", "a red {}"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def png(path) -> np.ndarray:

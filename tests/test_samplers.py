@@ -17,15 +17,6 @@ TEMPLATES = ["a {} on the beach", "a red {}"]
 SHORT = {"switching": {"t_sw": 1}, "multistage": {"t_sw": 1}, "masked": {"t_sw": 1}, "photoswap": {"t_sf": 1, "t_cm": 2, "t_sm": 2}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return BaseModel(load_components("tiny"), superclass="dog")

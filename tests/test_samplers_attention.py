@@ -24,14 +24,6 @@ from samplers.attention import (
 HEADS, DIM_HEAD, WIDTH, TOKENS = 4, 8, 32, 77
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return BaseModel(load_components("tiny"), superclass="dog")

@@ -53,14 +53,6 @@ NOT_APPLICABLE = {
 PAIRS = [(b, m) for b in BACKBONES for m in METHODS if (b, m) not in NOT_APPLICABLE]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(backbone: str, name: str):
     cls, kwargs = METHODS[name]
     return build(cls, pretrained_model=backbone, superclass="toy", **kwargs, **BACKBONE_KWARGS.get((backbone, name), {}))

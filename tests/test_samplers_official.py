@@ -21,14 +21,6 @@ CELLS = [("a {} on the beach", 0), ("a red {}", 1)]
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return BaseModel(load_components("tiny"), superclass="dog")
