@@ -68,3 +68,23 @@ def make(cls, kwargs=None, **extra):
 
 def snapshot(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def repo_workdir(top, subjects: dict[str, str], write_images):
+    """A folder to run the command lines from, laid out as a checkout sees it: ``repo/``
+    with the repository's configs/ and miniworld/ linked in, and a stand-in DreamBooth
+    layout at ``../shared/dreambooth`` (one folder per subject, filled by
+    ``write_images(folder)``, and prompts_and_classes.txt). Returns ``repo/``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cwd = top / "repo"
+    cwd.mkdir()
+    for name in ("configs", "miniworld"):
+        (cwd / name).symlink_to(root / name)
+    dreambooth = top / "shared" / "dreambooth"
+    for subject in subjects:
+        write_images(dreambooth / subject)
+    rows = "".join(f"{subject},{cls}\n" for subject, cls in subjects.items())
+    (dreambooth / "prompts_and_classes.txt").write_text("Classes\n\nsubject_name,class\n" + rows)
+    return cwd

@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 from components.errors import run_command
+from conftest import repo_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
@@ -42,14 +43,7 @@ def workdir(tmp_path_factory):
     """A folder to run train.py from, holding what the data configs name: configs/ and
     miniworld/ of the repository, ../shared/dreambooth (subject "dog") and my_concept/
     (images of 1024 px, the largest resolution of a method config, with masks)."""
-    top = tmp_path_factory.mktemp("layered")
-    cwd = top / "repo"
-    cwd.mkdir()
-    for name in ("configs", "miniworld"):
-        (cwd / name).symlink_to(ROOT / name)
-    dreambooth = top / "shared" / "dreambooth"
-    write_concept(dreambooth / "dog", 1024)
-    (dreambooth / "prompts_and_classes.txt").write_text("Classes\n\nsubject_name,class\ndog,dog\n")
+    cwd = repo_workdir(tmp_path_factory.mktemp("layered"), {"dog": "dog"}, lambda folder: write_concept(folder, 1024))
     write_concept(cwd / "my_concept", 1024)
     return cwd
 

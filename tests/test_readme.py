@@ -37,6 +37,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import repo_workdir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: text replaced in a README command before it runs (real weights -> tiny presets, paths)
@@ -199,15 +201,7 @@ def workdir(tmp_path_factory):
     """The folder the README's commands run from: the repository's configs/ and miniworld/
     (the MiniWorld model), a stand-in DreamBooth layout at ../shared/dreambooth, my_cat/ and
     prompts.txt; outputs land here."""
-    top = tmp_path_factory.mktemp("readme")
-    cwd = top / "repo"
-    cwd.mkdir()
-    for name in ("configs", "miniworld"):
-        (cwd / name).symlink_to(ROOT / name)
-    dreambooth = top / "shared" / "dreambooth"
-    for subject in ("dog", "dog6"):
-        _concept(dreambooth / subject)
-    (dreambooth / "prompts_and_classes.txt").write_text("Classes\n\nsubject_name,class\ndog,dog\ndog6,dog\n")
+    cwd = repo_workdir(tmp_path_factory.mktemp("readme"), {"dog": "dog", "dog6": "dog"}, _concept)
     _concept(cwd / "my_cat")
     (cwd / "prompts.txt").write_text("a {} on the beach\n")
     return cwd
