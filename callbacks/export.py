@@ -125,7 +125,8 @@ class ExportArtifact(L.Callback):
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule, datamodule=None) -> None:
         """Refuse a run whose artifact would replace another run's (a UserError). train.py
         calls it before ``fit`` starts (before the logger starts a run); :meth:`setup`
-        calls it again on every rank (rank 0 looks, the ranks agree)."""
+        calls it where nothing has (the Python API), on every rank (rank 0 looks, the
+        ranks agree)."""
         folder = self.resolve_dir(trainer)  # trainer.log_dir is a collective: every rank
         self._identity = identity = run_identity(trainer, pl_module, datamodule)
         checkpoints = [Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
@@ -146,7 +147,8 @@ class ExportArtifact(L.Callback):
                 (ckpt_dir / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":  # before the model loads and trains
+        # before the model loads and trains; train.py has checked already (before_fit)
+        if stage == "fit" and self._identity is None:
             self.check(trainer, pl_module)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -171,3 +173,7 @@ class ExportArtifact(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._export(trainer, pl_module)
+        self._identity = None  # a later fit with this callback is checked again
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._identity = None

@@ -56,6 +56,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> latents (the VAE posterior mean, shifted and
+    scaled as the denoiser sees them): the inverse of :func:`decode`."""
+    z = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        z = z - shift
+    return z * vae.config.scaling_factor
+
+
 def decode(vae, z: torch.Tensor) -> torch.Tensor:
     """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
     z = z.to(vae.dtype) / vae.config.scaling_factor

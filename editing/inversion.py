@@ -93,13 +93,9 @@ def guided(u: torch.Tensor, c: torch.Tensor, guidance: float) -> torch.Tensor:
 @torch.no_grad()
 def encode_images(components, images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> x_0 latents (the VAE posterior mean × scaling)."""
-    vae = components.vae
-    x = (images.to(vae.device, vae.dtype) * 2 - 1)
-    z = vae.encode(x).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        z = z - shift
-    return (z * vae.config.scaling_factor).to(components.unet.dtype)
+    from components.pixels import encode
+
+    return encode(components.vae, images).to(components.unet.dtype)
 
 
 class Denoiser:

@@ -58,6 +58,7 @@ def dreambooth_subjects(
 def folder_subject(folder: str | os.PathLike, superclass: str, prompts: str | list[str] = "auto", name: str | None = None) -> Subject:
     """One subject from any folder of images and its class word (``"demo"``: the synthetic
     demo concept of the quickstart)."""
+    from datamodules.concept import PROMPTS_FILE
     from datamodules.sources import resolve_source
 
     source = resolve_source(folder)  # the same concept sources as training's ConceptDataModule
@@ -71,6 +72,6 @@ def folder_subject(folder: str | os.PathLike, superclass: str, prompts: str | li
                                fix="pass a folder of the concept's images, 'demo' or 'miniworld:<concept>'")
     if not superclass or not superclass.strip():
         raise ValueError("A concept folder needs its superclass word (e.g. --superclass dog).")
-    if prompts == "auto" and (folder / "prompts.txt").is_file():
-        prompts = str(folder / "prompts.txt")  # the folder's own prompt set, as in training's validation
+    if prompts == "auto" and (folder / PROMPTS_FILE).is_file():
+        prompts = str(folder / PROMPTS_FILE)  # the folder's own prompt set, as in training's validation
     return Subject(name or folder.name, superclass.strip(), folder, resolve_templates(prompts, superclass))
