@@ -172,16 +172,17 @@ class SamplerValidation(L.Callback):
                 failed = True
                 warnings.warn(f"SamplerValidation failed on rank {trainer.global_rank} at step {trainer.global_step}; "
                               f"training goes on.\n{traceback.format_exc()}", stacklevel=2)
-            if _any_rank(failed, pl_module.device, world):
+            if trainer.strategy.reduce_boolean_decision(failed, all=False):  # failed on any rank
                 if not failed:
                     rank_zero_warn("SamplerValidation skipped: validation failed on another rank.")
                 return {}
             # a sampler that failed on any rank is left out on every rank (compute() all-reduces)
-            local["failed"] = {e.name for e in self.entries if _any_rank(e.name in local["failed"], pl_module.device, world)}
+            local["failed"] = {e.name for e in self.entries
+                               if trainer.strategy.reduce_boolean_decision(e.name in local["failed"], all=False)}
             for name in local["failed"]:
                 local["images"].pop(name, None)
             try:
-                return self._reduce_and_log(trainer, local, world)
+                return self._reduce_and_log(trainer, pl_module, local, world)
             except Exception:  # noqa: BLE001
                 rank_zero_warn(f"SamplerValidation could not log at step {trainer.global_step}; training goes on.\n{traceback.format_exc()}")
                 return {}
@@ -271,7 +272,7 @@ class SamplerValidation(L.Callback):
             local["cost"][e.name] = out.cost
         return local
 
-    def _reduce_and_log(self, trainer, local: dict, world: int) -> dict[str, float]:
+    def _reduce_and_log(self, trainer, pl_module, local: dict, world: int) -> dict[str, float]:
         values: dict[str, float] = {}
         for e in self.entries:  # the same order on every rank: compute() all-reduces
             if e.name in local.get("failed", ()):
@@ -282,8 +283,10 @@ class SamplerValidation(L.Callback):
         if world > 1 and dist.is_available() and dist.is_initialized():
             gathered = [None] * world
             dist.all_gather_object(gathered, (local["mine"], local["images"]))
-        for k, v in values.items():
-            trainer.callback_metrics[k] = torch.tensor(v)
+        # callback_metrics (for ModelCheckpoint/EarlyStopping monitors) through the module's log;
+        # the loggers get the values below at this very step (self.log's on_step values would
+        # reach them only every log_every_n_steps). Already all-reduced: no sync.
+        pl_module.log_dict(values, logger=False, sync_dist=False)
         self.last_values = values
         log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank reads it
         if not trainer.is_global_zero:
@@ -318,15 +321,6 @@ def _assemble(gathered, name: str, n: int) -> np.ndarray | None:
     return out
 
 
-def _any_rank(flag: bool, device, world: int) -> bool:
-    """True when the flag is set on any rank (an all-reduce; just the flag on one rank)."""
-    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
 # --------------------------------------------------------------------------- state
 
 
@@ -336,11 +330,12 @@ def preserved_state(module: torch.nn.Module):
     dtype, the Python, NumPy and torch (CPU, CUDA) RNG states, and the grad mode."""
     modes = [(m, m.training) for m in module.modules()]
     dtypes = {name: t.dtype for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py_state, np_state = random.getstate(), np.random.get_state()  # torch's CPU and CUDA RNGs: fork_rng
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     grad = torch.is_grad_enabled()
     try:
-        yield
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            yield
     finally:
         for m, training in modes:
             m.training = training
@@ -349,7 +344,4 @@ def preserved_state(module: torch.nn.Module):
                 t.data = t.data.to(dtypes[name])
         random.setstate(py_state)
         np.random.set_state(np_state)
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
         torch.set_grad_enabled(grad)

@@ -245,3 +245,21 @@ def test_sharded_over_two_ddp_ranks_equals_one_process(tmp_path):
     assert grid.shape == (2 + 3 * 34, 36, 3)
     for row in range(3):  # rows 0 and 2 from rank 0, row 1 from rank 1: none left empty
         assert grid[2 + 34 * row : 34 * (row + 1), 2:34].std() > 5
+
+
+def test_values_reach_callback_metrics_for_monitors(tmp_path):
+    """The logged values are the trainer's callback metrics (through pl_module.log_dict), so
+    ModelCheckpoint can monitor one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = SamplerValidation(samplers=[{"sampler": "concept", "num_steps": 2}], every_n_steps=2, **TINY)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val/concept/clip_i", mode="max", every_n_train_steps=2)
+    L.seed_everything(0)
+    dm = ConceptDataModule(concept_dir="demo", resolution=32, batch_size=2, repeats=1, validation_prompts="object")
+    model = DreamBooth(pretrained_model="tiny", superclass=dm.superclass, learning_rate=1e-4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[cb, ckpt], enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(model, dm)
+    value = cb.last_values["val/concept/clip_i"]
+    assert float(trainer.callback_metrics["val/concept/clip_i"]) == pytest.approx(value, abs=1e-6)
+    assert ckpt.best_model_score is not None and float(ckpt.best_model_score) == pytest.approx(value, abs=1e-6)
