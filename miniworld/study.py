@@ -27,18 +27,65 @@ evaluation cell is not recomputed, so an interrupted study continues where it st
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib
 import json
 import math
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
+from components.errors import UserError
 from evaluation.pareto import pareto_mask, plot_pareto, summarize
 from evaluation.run import EvalConfig, run_evaluation
+
+
+@dataclass
+class StudyOptions:
+    """The study: the keys of ``configs/miniworld/study.yaml``, and where it writes.
+
+    Args:
+        base: the MiniWorld base model every method fine-tunes (a diffusers folder).
+        clip: CLIP-like encoder of the metrics (folder).
+        dino: DINO-like identity encoder of the metrics (folder).
+        judge: the judge (folder): ground-truth identity / prompt accuracy next to CLIP and DINO.
+        seed: seed of training and of the per-(prompt, image) latents.
+        workers: methods trained and evaluated at a time, in separate processes (1 on a single core).
+        concepts: MiniWorld concept names.
+        concept_context: how the views are photographed: scene (one shared scene), prop, varied.
+        concept_views: views (training images) per concept.
+        concept_data: ConceptDataModule arguments shared by all methods.
+        methods: name -> {class_path, max_steps, init_args, optional placeholder / data / sweep}.
+        hifi_ablation: HiFi Tuner's ablation chain (method names), checked in findings.md in this order.
+        evaluation: evaluation settings (num_prompts, num_images, batch_size, defaults, save_grids, device).
+        sweep: the sampler sweep (evaluate.py's sweep format).
+        out: output folder (reruns resume here).
+        run_methods: run only these methods of the config (old spelling: --methods NAME ...).
+    """
+
+    base: str | None = None
+    clip: str | None = None
+    dino: str | None = None
+    judge: str | None = None
+    seed: int = 0
+    workers: int = 1
+    concepts: list[str] = field(default_factory=list)
+    concept_context: str = "scene"
+    concept_views: int = 5
+    concept_data: dict = field(default_factory=dict)
+    methods: dict[str, dict] = field(default_factory=dict)
+    hifi_ablation: list[str] | None = None
+    evaluation: dict = field(default_factory=dict)
+    sweep: list[dict] = field(default_factory=list)
+    out: str = "outputs/miniworld_study"
+    run_methods: list[str] | None = None
+
+
+DEFAULT_CONFIG = "configs/miniworld/study.yaml"
+#: keys of the command line that are not the study's own (not in study_config.yaml)
+_RUN_KEYS = ("out", "run_methods")
 
 
 def load_config(path: str | Path, **overrides) -> dict:
@@ -46,6 +93,11 @@ def load_config(path: str | Path, **overrides) -> dict:
     for k, v in overrides.items():
         if v is not None:
             cfg[k] = v
+    return select_methods(cfg)
+
+
+def select_methods(cfg: dict) -> dict:
+    """``cfg`` with ``methods`` narrowed to ``run_methods`` (a ValueError names unknown ones)."""
     unknown = set(cfg.get("run_methods") or []) - set(cfg["methods"])
     if unknown:
         raise ValueError(f"Unknown method(s) {sorted(unknown)}; the config defines {sorted(cfg['methods'])}.")
@@ -410,18 +462,41 @@ def write_findings(path: Path, summary: list[dict], found: list[dict], methods: 
     path.write_text("\n".join(lines) + "\n")
 
 
+def build_parser():
+    from components.cli import command_parser
+
+    return command_parser(StudyOptions, prog="python -m miniworld.study", description=__doc__.split("\n\n")[0],
+                          epilog=f"Without --config, {DEFAULT_CONFIG} is read (when it exists). "
+                                 "--methods NAME ... is the old spelling of --run_methods.")
+
+
+def parse_options(argv: list[str] | None = None) -> StudyOptions:
+    import sys
+
+    from components.cli import parse_options as parse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and Path(DEFAULT_CONFIG).is_file():
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+    return parse(build_parser(), StudyOptions, argv, aliases={"--methods": ["--run_methods"]})
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/miniworld/study.yaml", help="study YAML (methods, concepts, sweep)")
-    p.add_argument("--out", default="outputs/miniworld_study", help="output folder (reruns resume here)")
-    p.add_argument("--methods", nargs="+", dest="run_methods", help="run only these methods of the config")
-    p.add_argument("--concepts", nargs="+", help="MiniWorld concept names (overrides the config)")
-    p.add_argument("--workers", type=int, help="methods trained and evaluated at a time, in separate processes "
-                                               "(overrides the config's workers; 1 on a single core)")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, run_methods=args.run_methods, concepts=args.concepts)
-    return run_study(cfg, Path(args.out), workers=args.workers)
+    from components.cli import user_errors
+
+    options = parse_options(argv)
+    with user_errors("python -m miniworld.study"):  # before any work
+        cfg = {k: v for k, v in asdict(options).items() if k not in _RUN_KEYS and v is not None}
+        missing = [k for k in ("base", "clip", "dino") if not cfg.get(k)] + \
+                  [k for k in ("concepts", "methods", "sweep") if not cfg.get(k)]
+        if missing:
+            raise UserError(f"the study names no {', '.join(missing)}",
+                            fix=f"give a study config: --config {DEFAULT_CONFIG}")
+        cfg = select_methods({**cfg, **({"run_methods": options.run_methods} if options.run_methods else {})})
+    return run_study(cfg, Path(options.out), workers=options.workers)
 
 
 if __name__ == "__main__":
-    main()
+    from components.errors import run_command
+
+    run_command(main, prog="python -m miniworld.study")
