@@ -3,10 +3,11 @@
 :class:`TextToImagePretraining` trains a UNet2DConditionModel and a CLIP text encoder
 together, on top of the frozen stage-1 VAE (:mod:`miniworld.vae`), with the standard
 latent-diffusion loss: encode the image, add noise at a uniform random timestep of the
-DDPM schedule, predict the noise (or v), with min-SNR loss weighting. A fraction of the
+DDPM schedule, predict the noise (or v), with min-SNR loss weighting (diffusers'
+``compute_snr``). A fraction of the
 captions is replaced by the empty string (caption dropout), so the model also learns
 the unconditional prediction that classifier-free guidance needs. An exponential moving
-average of the weights is kept and is what gets saved: a standard diffusers pipeline
+average of the weights (diffusers' ``EMAModel``) is kept and is what gets saved: a standard diffusers pipeline
 folder, through :meth:`DiffusionComponents.save_pretrained`, at the end of training
 (also when stopped by ``max_time``) and every ``save_every_n_steps``.
 
@@ -16,14 +17,16 @@ Run it through the project's CLI: ``python train.py fit --config configs/miniwor
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from components.loader import TINY_CONFIG, DiffusionComponents
 from components.tokenizer import build_tiny_tokenizer
@@ -38,6 +41,35 @@ UNET = dict(
 TEXT_ENCODER = dict(TINY_CONFIG["text_encoder"], hidden_size=64, intermediate_size=128, projection_dim=64)
 
 
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int | None):
+    """Linear warmup over ``warmup_steps``, then cosine decay to 10% at ``total_steps``
+    (constant after the warmup when ``total_steps`` is None). The LR factor at step s < warmup
+    is s / warmup (the library schedules' warmup; the shipped model was trained with
+    (s + 1) / warmup, one step earlier); from the warmup on it is the old schedule's number.
+    diffusers' ``get_cosine_schedule_with_warmup`` decays to 0, so transformers' sibling with
+    ``min_lr_rate`` keeps the 10% floor."""
+    warm = max(1, warmup_steps)
+    if total_steps is None:
+        return get_constant_schedule_with_warmup(optimizer, warm)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warm, total_steps, min_lr_rate=0.1)
+
+
+def snr_loss_weights(scheduler, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """min-SNR-gamma weights (Hang et al. 2023) per timestep: min(SNR, γ) / SNR for ε targets,
+    min(SNR, γ) / (SNR + 1) for v targets (as diffusers' training examples)."""
+    snr = compute_snr(scheduler, t)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+
+
+def weight_average(parameters, decay: float) -> EMAModel:
+    """diffusers' EMAModel with the decay warm-up min(decay, (1 + k) / (10 + k)) at its k-th
+    update (k = 1, 2, ...). Its own count starts one lower (a first update that copies the
+    weights, decay 0); update_after_step=-1 shifts it to the k above, as the hand-written
+    average had (it read the trainer's global_step, k after the k-th optimizer step)."""
+    return EMAModel(parameters, decay=decay, update_after_step=-1)
+
+
 class TextToImagePretraining(L.LightningModule):
     """Pretrain a Stable-Diffusion-layout text-to-image model on MiniWorld.
 
@@ -48,7 +80,7 @@ class TextToImagePretraining(L.LightningModule):
         text_encoder: CLIPTextConfig overrides on top of :data:`TEXT_ENCODER`.
         prediction_type: "epsilon" or "v_prediction".
         learning_rate, weight_decay, warmup_steps: AdamW with linear warmup, then cosine
-            decay to 10% over ``trainer.max_steps`` (constant if max_steps is unset).
+            decay to 10% over ``trainer.max_steps`` (constant if max_steps is unset; :func:`lr_schedule`).
         caption_dropout: probability that a caption is replaced by "" (for CFG).
         snr_gamma: min-SNR-gamma loss weighting (0 disables it).
         ema_decay: decay of the weight average that is saved (0 saves the raw weights).
@@ -89,9 +121,11 @@ class TextToImagePretraining(L.LightningModule):
         self.vae = AutoencoderKL.from_pretrained(vae).eval().requires_grad_(False)
         self.scheduler = DDPMScheduler(prediction_type=prediction_type, **TINY_CONFIG["scheduler"])
         self.scheduler.register_to_config(set_alpha_to_one=False)
-        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
-        self.ema = torch.nn.ModuleDict(dict(unet=copy.deepcopy(self.unet), text_encoder=copy.deepcopy(self.text_encoder)))
-        self.ema.requires_grad_(False)
+        # the weight average (unet, then text encoder); its state travels in checkpoints["ema"]
+        self.ema = weight_average(self.trained_parameters(), ema_decay)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.unet.parameters(), *self.text_encoder.parameters()]
 
     # ------------------------------------------------------------------ training
 
@@ -115,57 +149,46 @@ class TextToImagePretraining(L.LightningModule):
         pred = self.unet(noisy, t, cond).sample
 
         loss = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))  # (B,)
-        if self.hparams.snr_gamma > 0:  # min-SNR-gamma (Hang et al. 2023)
-            snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
-            clipped = snr.clamp(max=self.hparams.snr_gamma)
-            loss = loss * (clipped / snr if self.hparams.prediction_type == "epsilon" else clipped / (snr + 1))
+        if self.hparams.snr_gamma > 0:
+            loss = loss * snr_loss_weights(self.scheduler, t, self.hparams.snr_gamma, self.hparams.prediction_type)
         loss = loss.mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def on_fit_start(self) -> None:
+        self.ema.to(self.device)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.update_ema()
+        # warm-up of the decay: early averages do not drag in the random initialisation
+        # for thousands of steps (see weight_average)
+        self.ema.step(self.trained_parameters())
         n = self.hparams.save_every_n_steps
         if n and self.global_step % n == 0:
             self.save_pipeline()
 
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        # warm-up of the decay (as in diffusers' EMAModel): early averages do not drag
-        # in the random initialisation for thousands of steps
-        step = self.global_step
-        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
-        for name, live in (("unet", self.unet), ("text_encoder", self.text_encoder)):
-            for p_ema, p in zip(self.ema[name].parameters(), live.parameters()):
-                p_ema.lerp_(p.detach(), 1 - decay)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.ema.load_state_dict(checkpoint["ema"])
 
     def configure_optimizers(self):
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        opt = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(self.trained_parameters(), lr=self.hparams.learning_rate,
+                                weight_decay=self.hparams.weight_decay)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
-        warm = max(1, self.hparams.warmup_steps)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if total is None:
-                return 1.0
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = lr_schedule(opt, self.hparams.warmup_steps, total)
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=sched, interval="step"))
 
     # ------------------------------------------------------------------ artifact
 
     def components(self, ema: bool = True) -> DiffusionComponents:
         """The model as :class:`DiffusionComponents` (copies; EMA weights by default)."""
-        use_ema = ema and self.hparams.ema_decay > 0
-        unet = self.ema["unet"] if use_ema else self.unet
-        text_encoder = self.ema["text_encoder"] if use_ema else self.text_encoder
+        unet, text_encoder = copy.deepcopy(self.unet).eval(), copy.deepcopy(self.text_encoder).eval()
+        if ema and self.hparams.ema_decay > 0:
+            self.ema.copy_to([*unet.parameters(), *text_encoder.parameters()])
         return DiffusionComponents(
-            self.tokenizer, copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval(),
-            copy.deepcopy(self.vae).eval(), copy.deepcopy(self.scheduler), source="miniworld",
+            self.tokenizer, text_encoder, unet, copy.deepcopy(self.vae).eval(), copy.deepcopy(self.scheduler),
+            source="miniworld",
         )
 
     def save_pipeline(self, folder: str | None = None) -> Path:

@@ -155,11 +155,21 @@ def test_pretraining_runs_and_saves_a_loadable_pipeline(monkeypatch, tmp_path, s
     model = TextToImagePretraining(vae=str(small_vae), output_dir=str(tmp_path / "sd"), unet=small,
                                    text_encoder=dict(hidden_size=32, intermediate_size=64), save_every_n_steps=0,
                                    warmup_steps=1)
-    before = [p.clone() for p in model.ema["unet"].parameters()]
+    before = [p.clone() for p in model.ema.shadow_params]
     dm = MiniWorldDataModule(num_images=8, batch_size=4, val_images=4)
     L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0).fit(model, dm)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.ema["unet"].parameters()))  # EMA moved
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.ema.shadow_params))  # EMA moved
+    # the average travels in checkpoints: a fresh module that loads one saves the same EMA weights
+    checkpoint = {}
+    model.on_save_checkpoint(checkpoint)
+    again = TextToImagePretraining(vae=str(small_vae), output_dir=str(tmp_path / "sd2"), unet=small,
+                                   text_encoder=dict(hidden_size=32, intermediate_size=64), seed=1)
+    again.on_load_checkpoint(checkpoint)
+    assert again.ema.optimization_step == 2
+    ema_unet, unet_again = model.components().unet, again.components().unet
+    assert all(torch.equal(a, b) for a, b in zip(ema_unet.parameters(), unet_again.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(ema_unet.parameters(), model.unet.parameters()))  # EMA != raw
     comps = load_components(tmp_path / "sd")
     assert comps.resolution == 32 and comps.unet.config.cross_attention_dim == 32
     images = comps.pipeline()(["a red ball on the beach"], num_inference_steps=2, output_type="np").images
