@@ -8,7 +8,8 @@ and the sampling study can run for real on a CPU and offline.
 - ``miniworld.pretrain.TextToImagePretraining`` + ``miniworld.data.MiniWorldDataModule``:
   text-to-image pretraining through ``train.py`` (``configs/miniworld/pretrain.yaml``).
 - ``miniworld.encoders``: the tiny CLIP-like and DINO-like encoders of the metrics;
-  ``miniworld.judge``: the attribute classifier; ``python -m miniworld.quality``.
+  ``miniworld.judge``: the attribute classifier; ``python -m miniworld.quality``. These and
+  the VAE (``miniworld.vae``) train through one small loop, ``miniworld.loop.train``.
 
 See miniworld/README.md for the models shipped in miniworld/pretrained and how they were made.
 """

@@ -15,8 +15,6 @@ Both processors normalise with mean = std = 0.5, i.e. pixels in [-1, 1], as in t
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,15 +25,11 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from components.tokenizer import build_tiny_tokenizer
 from miniworld.data import rendered, spec_of, to_tensor
+from miniworld.loop import train
 from miniworld.scenes import SCENES
 from miniworld.world import COLOUR_NAMES, SCENE_NAMES, SHAPE_NAMES, ObjectSpec, World
 
 MEAN_STD = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-
-
-def _cosine(opt, steps: int, warmup: int = 100):
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -81,21 +75,15 @@ def train_clip(out: str | Path, seed: int = 0, num_images: int = 40000, size: in
     data = rendered(seed, num_images, size)
     images, world = to_tensor(data["images"]), World(seed, size)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = _cosine(opt, steps)
-    t0 = time.time()
-    for step in range(steps):
+
+    def step(_: int) -> dict[str, torch.Tensor]:
         idx = rng.choice(len(images), batch_size, replace=False)
         captions = [world.caption(*spec_of(data["labels"][i]), rng) for i in idx]
         img = clip_embed_images(model, images[idx])
         txt = clip_embed_text(model, tok, captions)
-        loss = info_nce(img, txt, model.logit_scale.exp().clamp(max=100))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"clip step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        return {"loss": info_nce(img, txt, model.logit_scale.exp().clamp(max=100))}
+
+    train("clip", model.parameters(), step, steps, lr, weight_decay=0.1)
     model.eval()
     out = Path(out)
     model.save_pretrained(out)
@@ -167,20 +155,14 @@ def train_dino(out: str | Path, seed: int = 0, num_images: int = 40000, size: in
     if len(keys) < batch_size:
         raise ValueError(f"Only {len(keys)} identities have two images; render more or lower batch_size.")
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = _cosine(opt, steps)
-    t0 = time.time()
-    for step in range(steps):
+
+    def step(_: int) -> dict[str, torch.Tensor]:
         chosen = rng.choice(keys, batch_size, replace=False)
         pairs = np.array([rng.choice(by_id[k], 2, replace=False) for k in chosen])  # (B, 2)
         z = dino_embed(model, images[pairs.T.reshape(-1)])  # (2B, D): views 1 then views 2
-        loss = info_nce(z[:batch_size], z[batch_size:], 1 / temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"dino step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        return {"loss": info_nce(z[:batch_size], z[batch_size:], 1 / temperature)}
+
+    train("dino", model.parameters(), step, steps, lr, weight_decay=0.05)
     model.eval()
     out = Path(out)
     model.save_pretrained(out)

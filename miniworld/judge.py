@@ -10,8 +10,6 @@ renders, and its accuracy on both is reported.
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from miniworld.data import LABEL_NAMES, LABELS, rendered, to_tensor
+from miniworld.loop import train
 
 HEADS = {k: len(LABEL_NAMES[k]) for k in LABELS}
 
@@ -118,19 +117,13 @@ def train_judge(out: str | Path, seed: int = 0, num_images: int = 40000, size: i
     else:
         held_vae = None
     judge = Judge()
-    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    t0 = time.time()
-    for step in range(steps):
+
+    def step(_: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(len(x), (batch_size,), generator=gen)
         logits = judge(degrade(x[idx], gen))
-        loss = sum(F.cross_entropy(logits[k], y[idx, i]) for i, k in enumerate(LABELS))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"judge step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        return {"loss": sum(F.cross_entropy(logits[k], y[idx, i]) for i, k in enumerate(LABELS))}
+
+    train("judge", judge.parameters(), step, steps, lr, weight_decay=1e-4, warmup=0)  # no warm-up
     judge.eval()
     print("judge held-out accuracy, clean renders:", _fmt(accuracy(judge, hx, hy)))
     if held_vae is not None:

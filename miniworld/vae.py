@@ -6,13 +6,11 @@ reconstruction loss and a light KL term, as Stable Diffusion's VAE but without t
 perceptual and adversarial losses (the world is flat colours and simple textures).
 Afterwards ``scaling_factor`` is set to 1 / std of the latents, so scaled latents have
 unit variance as the diffusion model expects; diffusers' pipeline reads it from the
-config. Plain PyTorch: one loop, a few minutes on a CPU.
+config. Trained by the shared loop of :mod:`miniworld.loop`, a few minutes on a CPU.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from diffusers import AutoencoderKL
 
 from components.loader import TINY_CONFIG
 from miniworld.data import rendered, to_tensor
+from miniworld.loop import train
 
 
 def build_vae(size: int = 32) -> AutoencoderKL:
@@ -47,25 +46,20 @@ def train_vae(out: str | Path, seed: int = 0, num_images: int = 40000, size: int
     """Train, set ``scaling_factor``, save to ``out`` (a diffusers model folder) and return the VAE.
     ``init``: continue from a saved VAE folder instead of random weights."""
     torch.manual_seed(seed)
-    train = to_tensor(rendered(seed, num_images, size)["images"])
+    images = to_tensor(rendered(seed, num_images, size)["images"])
     held_out = to_tensor(rendered(seed + 1, 2000, size)["images"])
     vae = AutoencoderKL.from_pretrained(init).train() if init else build_vae(size)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    t0 = time.time()
-    for step in range(steps):
-        x = train[torch.randint(len(train), (batch_size,))]
+
+    def step(_: int) -> dict[str, torch.Tensor]:
+        x = images[torch.randint(len(images), (batch_size,))]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = (rec - x).pow(2).mean()
         kl = post.kl().mean() / post.mean[0].numel()  # per latent element
-        loss = mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps - 1:
-            print(f"vae step {step} mse {mse.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        return {"loss": mse + kl_weight * kl, "mse": mse, "kl": kl}
+
+    train("vae", vae.parameters(), step, steps, lr, weight_decay=0.0, log_every=log_every,
+          formats={"mse": ".4f", "kl": ".3f"})
     vae.eval()
     std = latent_std(vae, held_out[:1024])
     vae.register_to_config(scaling_factor=1.0 / std)
