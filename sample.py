@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from components.atomic import atomic_path
 from components.errors import MissingFileError
 from components.linefile import drop_torn_tail, read_lines
 
@@ -177,9 +178,8 @@ def check_model(args, sampler) -> None:
 
 
 def write_identity(path: Path, identity: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(identity, indent=2))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(identity, indent=2))
 
 
 def load_model(args):

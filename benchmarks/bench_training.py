@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -74,9 +73,10 @@ def sd2_base_random_folder() -> Path:
     if (folder / "model_index.json").exists():
         return folder
     # a small vocabulary; the embedding table has SD2's 49408 rows
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    build_components(SD2_BASE_CONFIG, vocab_size=49408).save_pretrained(tmp)
-    tmp.rename(folder)
+    from components.atomic import atomic_path
+
+    with atomic_path(folder, replace=False) as tmp:
+        build_components(SD2_BASE_CONFIG, vocab_size=49408).save_pretrained(tmp)
     return folder
 
 

@@ -288,15 +288,11 @@ def preset_folder(backbone: str = "sd", prediction_type: str = "epsilon", seed: 
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     folder = cache_dir() / f"tiny-{backbone}-{prediction_type}-{digest}"
     if not (folder / "model_index.json").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
-            build_tiny_components(prediction_type, seed, backbone).save_pretrained(tmp)
-        try:
-            tmp.rename(folder)  # atomic: concurrent builders never see a half-written folder
-        except OSError:
-            import shutil
+        from components.atomic import atomic_path
 
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+        # building must not move the caller's RNG; concurrent builders: the first one wins
+        with atomic_path(folder, replace=False) as tmp, torch.random.fork_rng(devices=[]):
+            build_tiny_components(prediction_type, seed, backbone).save_pretrained(tmp)
     return folder
 
 

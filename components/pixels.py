@@ -13,6 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+#: What counts as an image file in a concept, reference or class-image folder (any case),
+#: everywhere in the project; ``<name>_mask.png`` beside ``<name>.<suffix>`` is its subject mask.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MASK_SUFFIX = "_mask"
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """An 8-bit RGB copy of a PIL image of any mode, its values scaled, never clipped:

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from components.atomic import atomic_path
+
 
 @torch.no_grad()
 def generate_class_images(
@@ -36,6 +38,7 @@ def generate_class_images(
                       guidance_scale=guidance, generator=gens).images
         for i, im in zip(idx, images):
             path = folder / f"class_{i:05d}.png"
-            im.save(path)
+            with atomic_path(path) as tmp:  # a resumed run never reads a half-written image
+                im.save(tmp, format="PNG")
             written.append(path)
     return written

@@ -36,12 +36,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from components.errors import UserError
-from components.pixels import to_rgb
+from components.pixels import IMAGE_SUFFIXES, MASK_SUFFIX, to_rgb  # noqa: F401 - re-exported
 from datamodules.sources import resolve_source
 from datamodules.prompts import dreambooth_prompts, prompt_set_for_class, read_dreambooth_classes, read_prompt_file
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MASK_SUFFIX = "_mask"
 PROMPTS_FILE = "prompts.txt"  # optional: a concept folder's own validation prompt set
 
 
@@ -64,7 +62,7 @@ def load_concept_folder(folder: str | Path, min_size: int = 0, require_masks: bo
     """Read and check a concept folder; every problem raises :class:`ConceptDataError`."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise ConceptDataError(f"Concept folder {folder} does not exist. Pass a folder of concept images (jpg, png, webp).")
+        raise ConceptDataError(f"Concept folder {folder} does not exist. Pass a folder of concept images (jpg, png, webp, bmp).")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     images = [p for p in files if not _is_mask(p)]
     masks = {p.stem[: -len(MASK_SUFFIX)]: p for p in files if _is_mask(p)}

@@ -6,7 +6,6 @@ places, sizes and stripe angles over different backgrounds, each with its subjec
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +52,8 @@ def demo_concept_dir() -> Path:
 
     folder = cache_dir() / "demo-concept-v1"
     if not (folder / "00.png").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        write_demo_concept(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            import shutil
+        from components.atomic import atomic_path
 
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(folder, replace=False) as tmp:
+            write_demo_concept(tmp)
     return folder

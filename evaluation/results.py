@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+from components.atomic import atomic_path
 from components.linefile import complete_lines, damaged, drop_torn_tail
 
 COLUMNS = [
@@ -93,14 +94,11 @@ class ResultStore:
         rows = self.rows()
         rank = {k: i for i, k in enumerate(order or [])}
         rows.sort(key=lambda r: rank.get(r["key"], len(rank)))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name("results.csv.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             for row in rows:
                 writer.writerow({c: row.get(c, "") for c in COLUMNS})
-        tmp.replace(self.path)
         for part in self.parts.glob("rank*.csv"):
             part.unlink()
         if self.parts.is_dir() and not any(self.parts.iterdir()):

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import yaml
 
+from components.atomic import atomic_path
 from components.errors import UserError
 from components.loader import cache_dir
 from evaluation.pareto import plot_pareto, summarize
@@ -301,9 +302,8 @@ def _check_identity(output: Path, cfg: EvalConfig) -> None:
             )
     else:
         output.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("run.json.tmp")
-        tmp.write_text(json.dumps(ident, indent=2))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(ident, indent=2))
 
 
 def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[str], None] = print) -> list[dict]:

@@ -29,7 +29,6 @@ import importlib
 import inspect
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -446,20 +445,12 @@ class PersonalizationModule(L.LightningModule):
         Atomic: the files go to a temporary folder beside ``folder``, renamed into place when
         complete, so a crash never leaves half an artifact (an artifact already there is
         replaced only then)."""
+        from components.atomic import atomic_path
+
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        self._write_artifact(tmp, run)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            self._write_artifact(tmp, run)
         return folder
 
     def _write_artifact(self, folder: Path, run: dict | None = None) -> None:

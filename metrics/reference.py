@@ -16,10 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from components.pixels import to_rgb
+from components.pixels import IMAGE_SUFFIXES, MASK_SUFFIX, to_rgb
 from metrics.backbones import ImageBackbone
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
@@ -28,7 +26,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Concept image folder {str(folder)!r} does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(MASK_SUFFIX))
     if not files:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}.")
     return files
@@ -81,10 +79,10 @@ class ReferenceCache:
             loaded = load_images(images) if isinstance(images, (str, os.PathLike)) else images
             emb = backbone.embed_images(loaded).cpu()  # (M, D)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-                torch.save(emb, tmp)
-                tmp.replace(path)  # atomic for concurrent ranks
+                from components.atomic import atomic_path
+
+                with atomic_path(path) as tmp:  # concurrent ranks never read half a file
+                    torch.save(emb, tmp)
         self._memory[key] = emb
         return emb.to(backbone.device)
 

@@ -91,16 +91,12 @@ def tiny_backbone_folder(kind: str = "clip", seed: int = 0, full_size: bool = Fa
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / f"{'full' if full_size else 'tiny'}-{kind}-{digest}"
     if not (folder / "config.json").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
+        from components.atomic import atomic_path
+
+        # building must not move the caller's RNG; concurrent builders: the first one wins
+        with atomic_path(folder, replace=False) as tmp, torch.random.fork_rng(devices=[]):
             if kind == "clip":
                 save_tiny_clip(tmp, seed, full_size)
             else:
                 save_tiny_dino(tmp, kind, seed, full_size)
-        try:
-            tmp.rename(folder)  # atomic: concurrent builders never see a half-written folder
-        except OSError:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
     return folder

@@ -10,7 +10,6 @@ ground truth, so the same image is seen with varied wordings.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from components.atomic import atomic_path
 from components.loader import cache_dir
 from miniworld.draw import FINISHES, PATTERNS
 from miniworld.world import COLOUR_NAMES, SCENE_NAMES, SHAPE_NAMES, ObjectSpec, World
@@ -53,10 +53,8 @@ def rendered(seed: int = 0, n: int = 40000, size: int = 32, cache: bool = True) 
             return {k: f[k] for k in f.files}
     arrays = render_arrays(World(seed, size), 0, n)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        tmp.rename(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     return arrays
 
 

@@ -5,9 +5,8 @@ folder written into the cache on first use. Importing this module registers the 
 
 from __future__ import annotations
 
-import os
-import shutil
 
+from components.atomic import atomic_path
 from datamodules.concept import ConceptDataError
 from datamodules.sources import ConceptSource, register_captions, register_source
 
@@ -35,12 +34,8 @@ def miniworld_concept_dir(spec: str) -> tuple[str, str]:
                                    "number of views (1-20), e.g. miniworld:green_dotted_cube:varied:6.")
     folder = cache_dir() / f"miniworld-concept-{name}-{context}-{views}-v2"
     if not (folder / "concept.json").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        write_concept(name, tmp, num_images=views, context=context)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(folder, replace=False) as tmp:
+            write_concept(name, tmp, num_images=views, context=context)
     return str(folder), CONCEPTS[name].superclass
 
 
