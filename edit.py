@@ -15,34 +15,59 @@ loads; ``--debug`` (or ``PERSONALIZE_DEBUG=1``) shows a traceback.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from components.errors import MissingFileError, UserError
 
+PROG = "edit.py"
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edit.py", description="Edit images with a personalized model.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("replace", help="replace the subject of an image with the personalized concept (HiFi Tuner, Alg. 3)",
-                         description="Personalized subject replacement (HiFi Tuner, Algorithm 3).")
-    rep.add_argument("--image", required=True, help="the input image (png, jpg, webp); resized to the model's resolution")
-    rep.add_argument("--caption", required=True, help="what the image shows, e.g. 'a red ball on the beach'")
-    rep.add_argument("--word", required=True, help="the caption's word naming the subject to replace, e.g. 'ball'")
-    rep.add_argument("--artifact", required=True, help="artifact folder of a fine-tuning method (personalize.json inside)")
-    rep.add_argument("--out", required=True, help="output PNG")
-    rep.add_argument("--model", help="base model (default: the one the artifact was trained on)")
-    rep.add_argument("--num-steps", type=int, default=50, help="DDIM steps (paper: 50)")
-    rep.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance ω (null-text inversion: 7.5)")
-    rep.add_argument("--inner-steps", type=int, default=10, help="K, null-text optimization steps per timestep (10)")
-    rep.add_argument("--lr", type=float, default=1e-2,
-                     help="null-text optimization's Adam lr, decayed by (1 - i/100) (Mokady et al.: 1e-2; the MiniWorld "
-                          "model needs about 5e-2 at 25 steps)")
-    rep.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    rep.add_argument("--save-reconstruction", action="store_true",
-                     help="also write <out>_reconstruction.png (the null-text reconstruction of the input)")
-    return parser
+
+@dataclass
+class ReplaceOptions:
+    """Personalized subject replacement (HiFi Tuner, Algorithm 3).
+
+    Args:
+        image: the input image (png, jpg, webp); resized to the model's resolution.
+        caption: what the image shows, e.g. 'a red ball on the beach'.
+        word: the caption's word naming the subject to replace, e.g. 'ball'.
+        artifact: artifact folder of a fine-tuning method (personalize.json inside).
+        out: output PNG.
+        model: base model (default: the one the artifact was trained on).
+        num_steps: DDIM steps (paper: 50).
+        guidance: classifier-free guidance ω (null-text inversion: 7.5).
+        inner_steps: K, null-text optimization steps per timestep (10).
+        lr: null-text optimization's Adam lr, decayed by (1 - i/100) (Mokady et al.: 1e-2; the MiniWorld model
+            needs about 5e-2 at 25 steps).
+        device: cpu, cuda, ... (default: cuda if available).
+        save_reconstruction: also write <out>_reconstruction.png (the null-text reconstruction of the input).
+    """
+
+    image: str
+    caption: str
+    word: str
+    artifact: str
+    out: str
+    model: str | None = None
+    num_steps: int = 50
+    guidance: float = 7.5
+    inner_steps: int = 10
+    lr: float = 1e-2
+    device: str | None = None
+    save_reconstruction: bool = False
+
+
+COMMANDS = {"replace": (ReplaceOptions, "replace the subject of an image with the personalized concept (HiFi Tuner, "
+                                        "Alg. 3)")}
+
+
+def parse(argv: list[str] | None = None) -> tuple[str, ReplaceOptions]:
+    """(command, its options); the old spellings (--num-steps, --save-reconstruction) kept."""
+    from components.cli import parse_subcommand, subcommands_parser
+
+    parser = subcommands_parser(PROG, "Edit images with a personalized model.", COMMANDS)
+    return parse_subcommand(parser, COMMANDS, argv, aliases={"--save-reconstruction": ["--save_reconstruction", "true"]})
 
 
 def read_image(path: str):
@@ -90,22 +115,18 @@ def replace(args) -> Path:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must be a .png file", fix="e.g. --out out.png")
-    from components.loader import check_model_source, check_num_steps
+    from lightning_modules.loading import check_model, load_model, resolve_device
 
-    base = args.model or manifest["pretrained_model"]
-    check_model_source(base)
-    check_num_steps(base, args.num_steps)
+    check_model(args.model, [args.artifact], args.num_steps)
 
-    import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     from editing.replace import replace_subject
-    from lightning_modules import load_personalized
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     print(f"loading {args.artifact} ...")
-    model = load_personalized(args.model, args.artifact).to(device)
+    model = load_model(args.model, args.artifact, device=device)
     size = model.components.unet.config.sample_size * 2 ** (len(model.components.vae.config.block_out_channels) - 1)
     if image.shape[-2:] != (size, size):
         image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
@@ -132,8 +153,8 @@ def replace(args) -> Path:
 
 
 def main(argv: list[str] | None = None):
-    args = build_parser().parse_args(argv)
-    if args.command == "replace":
+    command, args = parse(argv)
+    if command == "replace":
         return replace(args)
 
 

@@ -1,9 +1,15 @@
 """Sample a personalized model with any sampling strategy: PNG files and a manifest.
 
     python sample.py --model tiny --superclass dog --sampler mixed \\
-        --prompts "a {} on the beach" "a red {}" --num-images 4 --out outputs/samples
-    python sample.py --artifact outputs/dog/artifact --sampler-config configs/samplers/masked.yaml \\
-        --set q=0.5 --dreambooth-prompts live --num-images 10 --out outputs/dog-masked
+        --prompts "a {} on the beach" "a red {}" --num_images 4 --out outputs/samples
+    python sample.py --artifact outputs/dog/artifact --sampler_config configs/samplers/masked.yaml \\
+        --settings.q 0.5 --dreambooth_prompts live --num_images 10 --out outputs/dog-masked
+    python sample.py --config my_run.yaml --seed 1      # options from YAML (keys as below), layered
+    python sample.py ... --print_config > my_run.yaml   # the resolved options as such a YAML
+
+Options are spelled as their YAML keys (``--num_images``); the older dashed spellings
+(``--num-images``, ``--sampler-config``, ``--dreambooth-prompts``, ``--batch-size``) and
+``--set KEY=VALUE`` (``--settings.KEY VALUE``) keep working.
 
 Prompts are templates with one {} slot for the subject; the sampler writes the concept
 and superclass prompts itself. Images are named ``p<prompt index>_i<image index>.png``;
@@ -16,26 +22,72 @@ fix; ``--debug`` (or ``PERSONALIZE_DEBUG=1``) shows its traceback.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
-from components.atomic import atomic_path
 from components.errors import MissingFileError
 from components.linefile import drop_torn_tail, read_lines
+from components.runs import RUN_FILE, check_identity, write_identity
 
-RUN_FILE, MANIFEST_FILE = "run.json", "manifest.jsonl"
-DTYPES = ("float32", "float16", "bfloat16")
+MANIFEST_FILE = "manifest.jsonl"
+PROG = "sample.py"
+
+
+@dataclass
+class SampleOptions:
+    """What to sample, with which sampler, into which folder.
+
+    Args:
+        model: base model: hub id, diffusers folder or 'tiny' (default with --artifact: the base the artifact was
+            trained on).
+        artifact: artifact folder of any fine-tuning method (personalize.json inside).
+        superclass: the concept's class word, e.g. 'dog' (required without --artifact).
+        placeholder: identifier word of the base model's concept phrase.
+        device: cpu, cuda, cuda:1 ... (default: cuda if available).
+        dtype: the model's dtype for sampling.
+        compile: torch.compile the UNet (static shapes; the first batch compiles): default, reduce-overhead,
+            max-autotune, max-autotune-no-cudagraphs (a bare --compile: default; null: off).
+        sampler: sampler name (see below), or a sampler YAML.
+        sampler_config: sampler YAML, e.g. configs/samplers/mixed.yaml (old spelling: --sampler-config).
+        settings: sampler settings over the YAML's and the defaults: --settings.KEY VALUE (old spelling: --set
+            KEY=VALUE, repeatable); values are YAML: 7, [7, 6, 5], 0.5.
+        prompts: prompt templates with a {} slot, or one text file of them.
+        dreambooth_prompts: the 25 DreamBooth prompts of the object or live set (instead of --prompts).
+        num_images: images per prompt (image indices 0 ... n-1).
+        seed: base seed; x_T of each image derives from it.
+        batch_size: images per UNet batch.
+        out: output folder (required).
+    """
+
+    model: str | None = None
+    artifact: str | None = None
+    superclass: str | None = None
+    placeholder: str = "sks"
+    device: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: str | None = None
+    sampler: str | None = None
+    sampler_config: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    prompts: list[str] | None = None
+    dreambooth_prompts: Literal["object", "live"] | None = None
+    num_images: int = 4
+    seed: int = 0
+    batch_size: int = 8
+    out: str | None = None
 
 
 def image_name(prompt_index: int, index: int) -> str:
     return f"p{prompt_index:03d}_i{index:03d}.png"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    from components.cli import command_parser
     from samplers import SAMPLERS
 
     samplers_help = "\n".join(
@@ -44,67 +96,40 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for name, cls in SAMPLERS.items()
     )
-    parser = argparse.ArgumentParser(
-        prog="sample.py",
+    return command_parser(
+        SampleOptions, prog=PROG,
         description="Sample a base model or a fine-tuned artifact with a sampling strategy.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"samplers and their settings (defaults of the sampling study, 50 steps):\n{samplers_help}",
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", help="base model: hub id, diffusers folder or 'tiny' (default with --artifact: "
-                                       "the base the artifact was trained on)")
-    model.add_argument("--artifact", help="artifact folder of any fine-tuning method (personalize.json inside)")
-    model.add_argument("--superclass", help="the concept's class word, e.g. 'dog' (required without --artifact)")
-    model.add_argument("--placeholder", default="sks", help="identifier word of the base model's concept phrase")
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    model.add_argument("--dtype", default="float32", choices=DTYPES)
-    model.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                       help="torch.compile the UNet (static shapes; the first batch compiles): MODE default, "
-                            "reduce-overhead, max-autotune, max-autotune-no-cudagraphs [off]")
-    sampler = parser.add_argument_group("sampler")
-    sampler.add_argument("--sampler", help="sampler name (see below)")
-    sampler.add_argument("--sampler-config", help="sampler YAML, e.g. configs/samplers/mixed.yaml")
-    sampler.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a sampler setting (repeatable); values are YAML: 7, [7, 6, 5], 0.5")
-    prompts = parser.add_argument_group("prompts").add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompts", nargs="+", help="prompt templates with a {} slot, or one text file of them")
-    prompts.add_argument("--dreambooth-prompts", choices=("object", "live"), help="the 25 DreamBooth prompts")
-    run = parser.add_argument_group("run")
-    run.add_argument("--num-images", type=int, default=4, help="images per prompt (image indices 0 ... n-1)")
-    run.add_argument("--seed", type=int, default=0, help="base seed; x_T of each image derives from it")
-    run.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
-    run.add_argument("--out", required=True, help="output folder")
-    return parser
 
 
-def resolve_sampler(args):
-    """The validated sampler from --sampler / --sampler-config / --set (ValueError if bad)."""
-    from samplers import build_sampler, load_sampler_config
+def parse_options(argv: list[str] | None = None) -> SampleOptions:
+    from components.cli import parse_options as parse, set_alias
 
-    settings = {}
-    name = args.sampler
-    if args.sampler_config:
-        file_name, settings = load_sampler_config(args.sampler_config)
-        if name and name != file_name:
-            raise ValueError(f"--sampler {name} contradicts {args.sampler_config}, which configures '{file_name}'")
-        name = file_name
-    if not name:
-        raise ValueError("choose a sampler with --sampler NAME or --sampler-config YAML")
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set guidance=5")
-        settings[key.strip()] = yaml.safe_load(value)
+    return parse(build_parser(), SampleOptions, argv, aliases={"--set": set_alias("--settings")},
+                 bare={"--compile": "default"})
+
+
+def resolve_sampler(options: SampleOptions):
+    """The validated sampler of --sampler / --sampler_config / --settings (ValueError if bad)."""
+    from samplers import build_sampler, sampler_spec
+
+    name, settings = sampler_spec(options.sampler, options.sampler_config, options.settings)
     return build_sampler(name, **settings)
 
 
-def resolve_templates(args) -> list[str]:
+def resolve_templates(options: SampleOptions) -> list[str]:
     from components.personalized import fill
     from datamodules.prompts import dreambooth_prompts, read_prompt_file
 
-    if args.dreambooth_prompts:
-        return dreambooth_prompts(args.dreambooth_prompts)
-    templates = list(args.prompts)
+    if options.dreambooth_prompts:
+        if options.prompts:
+            raise ValueError("give --prompts or --dreambooth_prompts, not both")
+        return dreambooth_prompts(options.dreambooth_prompts)
+    if not options.prompts:
+        raise ValueError("give the prompts: --prompts 'a {} on the beach' ... (or a file of them), "
+                         "or --dreambooth_prompts object|live")
+    templates = list(options.prompts)
     if len(templates) == 1 and Path(templates[0]).is_file():
         templates = read_prompt_file(templates[0])
     elif len(templates) == 1 and "{}" not in templates[0] and Path(templates[0]).suffix in (".txt", ".yaml", ".csv"):
@@ -115,17 +140,17 @@ def resolve_templates(args) -> list[str]:
     return templates
 
 
-def run_identity(args, sampler) -> dict:
+def run_identity(options: SampleOptions, sampler) -> dict:
     """What determines the images: two runs into one folder must agree on all of it."""
     return {
-        "model": args.model,
-        "artifact": str(Path(args.artifact).resolve()) if args.artifact else None,
-        "superclass": args.superclass,
-        "placeholder": args.placeholder if not args.artifact else None,
-        "dtype": args.dtype,
+        "model": options.model,
+        "artifact": str(Path(options.artifact).resolve()) if options.artifact else None,
+        "superclass": options.superclass,
+        "placeholder": options.placeholder if not options.artifact else None,
+        "dtype": options.dtype,
         "sampler": sampler.name,
         "settings": sampler.settings(),
-        "seed": args.seed,
+        "seed": options.seed,
     }
 
 
@@ -145,17 +170,10 @@ def read_manifest(out: Path) -> dict[str, dict]:
 def check_out_dir(out: Path, identity: dict, cells: list[tuple[int, str, int]]) -> None:
     """ValueError if ``out`` holds images made with other settings or other prompts at the
     same names (a folder holding no image yet is free, whatever its run.json says)."""
-    run_file = out / RUN_FILE
     records = read_manifest(out)
-    if run_file.exists() and records:
-        previous = json.loads(run_file.read_text())
-        diffs = [k for k in identity if previous.get(k) != identity[k]]
-        if diffs:
-            detail = "; ".join(f"{k}: {previous.get(k)!r} -> {identity[k]!r}" for k in diffs)
-            raise ValueError(
-                f"--out {out} already holds images made with different settings ({detail}); "
-                f"choose another --out, or delete the folder to start over"
-            )
+    check_identity(out, identity, in_use=bool(records),
+                   problem="--out {folder} already holds images made with different settings ({changes})",
+                   fix="choose another --out, or delete the folder to start over")
     for prompt_index, template, index in cells:
         record = records.get(image_name(prompt_index, index))
         if record and record["template"] != template:
@@ -165,51 +183,11 @@ def check_out_dir(out: Path, identity: dict, cells: list[tuple[int, str, int]]) 
             )
 
 
-def check_model(args, sampler) -> None:
-    from components.loader import check_model_source, check_num_steps
+def load_model(options: SampleOptions):
+    from lightning_modules.loading import load_model as load
 
-    base = args.model
-    if args.artifact:
-        from lightning_modules.base import read_artifact_manifest  # lazy: Lightning is heavy to import
-
-        base = args.model or read_artifact_manifest(args.artifact)["pretrained_model"]
-    check_model_source(base)
-    check_num_steps(base, sampler.num_steps)
-
-
-def write_identity(path: Path, identity: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(identity, indent=2))
-
-
-def load_model(args):
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    if args.artifact:
-        from lightning_modules import load_personalized  # lazy: Lightning is heavy to import
-
-        overrides = {"superclass": args.superclass} if args.superclass else {}
-        model = load_personalized(args.model, args.artifact, **overrides)
-    else:
-        from components.loader import load_components
-        from components.personalized import BaseModel
-
-        model = BaseModel(load_components(args.model), superclass=args.superclass, placeholder=args.placeholder)
-    move = {"device": device}
-    if dtype != model.components.unet.dtype:
-        move["dtype"] = dtype  # only when it changes: diffusers warns on every dtype cast
-    if isinstance(model, torch.nn.Module):
-        model.to(**move)
-    else:
-        for module in model.components.modules().values():
-            module.to(**move)
-    if args.compile:
-        from components.compile import compile_unet
-
-        compile_unet(model.components.unet, args.compile)
-    return model
+    return load(options.model, options.artifact, superclass=options.superclass, placeholder=options.placeholder,
+                device=options.device, dtype=options.dtype, compile=options.compile)
 
 
 def save_png(image, path: Path) -> None:
@@ -220,24 +198,28 @@ def save_png(image, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:  # every check that needs no model, before any work
-        sampler = resolve_sampler(args)
+    from components.cli import user_errors
+
+    with user_errors(PROG, (ValueError, FileNotFoundError, yaml.YAMLError)):  # every check that needs no model
+        options = parse_options(argv)
+        sampler = resolve_sampler(options)
         if hasattr(sampler, "check_ready"):
             sampler.check_ready()  # reference_guided: its concept images and captions, before any model loads
-        templates = resolve_templates(args)
-        if args.num_images < 1 or args.batch_size < 1:
-            raise ValueError(f"--num-images ({args.num_images}) and --batch-size ({args.batch_size}) must be >= 1")
-        if not args.artifact and not (args.model and args.superclass):
+        templates = resolve_templates(options)
+        if options.num_images < 1 or options.batch_size < 1:
+            raise ValueError(f"--num-images ({options.num_images}) and --batch-size ({options.batch_size}) must be >= 1")
+        if not options.artifact and not (options.model and options.superclass):
             raise ValueError("without --artifact, give the base model (--model) and the concept's --superclass")
-        check_model(args, sampler)  # a typo, a broken artifact or an unreachable hub id fails now, in seconds
-        out = Path(args.out)
-        identity = run_identity(args, sampler)
-        cells = [(p, t, i) for p, t in enumerate(templates) for i in range(args.num_images)]
+        if not options.out:
+            raise ValueError("give the output folder: --out FOLDER")
+        from lightning_modules.loading import check_model
+
+        # a typo, a broken artifact or an unreachable hub id fails now, in seconds
+        check_model(options.model, [options.artifact] if options.artifact else [], sampler.num_steps)
+        out = Path(options.out)
+        identity = run_identity(options, sampler)
+        cells = [(p, t, i) for p, t in enumerate(templates) for i in range(options.num_images)]
         check_out_dir(out, identity, cells)
-    except (ValueError, FileNotFoundError, yaml.YAMLError) as err:
-        parser.error(str(err))
 
     done = {f for f in read_manifest(out) if (out / f).exists()}
     todo = [c for c in cells if image_name(c[0], c[2]) not in done]
@@ -247,24 +229,24 @@ def main(argv: list[str] | None = None) -> Path:
     from components.personalized import concept_prompt, superclass_prompt
     from tqdm.auto import tqdm
 
-    model = load_model(args)
+    model = load_model(options)
     out.mkdir(parents=True, exist_ok=True)
     drop_torn_tail(out / MANIFEST_FILE)  # the next record starts on a line of its own
     with tqdm(total=len(todo), desc=sampler.name, unit="img") as bar, open(out / MANIFEST_FILE, "a") as manifest:
-        for start in range(0, len(todo), args.batch_size):
-            chunk = todo[start : start + args.batch_size]
-            result = sampler.sample_cells(model, [(t, i) for _, t, i in chunk], args.seed, args.batch_size)
+        for start in range(0, len(todo), options.batch_size):
+            chunk = todo[start : start + options.batch_size]
+            result = sampler.sample_cells(model, [(t, i) for _, t, i in chunk], options.seed, options.batch_size)
             for (prompt_index, template, index), image in zip(chunk, result.images):
                 name = image_name(prompt_index, index)
                 save_png(image, out / name)
                 record = {
                     "file": name, "prompt_index": prompt_index, "index": index, "template": template,
                     "prompt": concept_prompt(model, template), "superclass_prompt": superclass_prompt(model, template),
-                    "seed": args.seed, "sampler": sampler.name, "settings": sampler.settings(), "cost": result.cost,
-                    "model": args.model, "artifact": identity["artifact"],
+                    "seed": options.seed, "sampler": sampler.name, "settings": sampler.settings(), "cost": result.cost,
+                    "model": options.model, "artifact": identity["artifact"],
                 }
                 if not manifest.tell() or not (out / RUN_FILE).exists():
-                    write_identity(out / RUN_FILE, identity)  # the run's identity, once its first image exists
+                    write_identity(out, identity)  # the run's identity, once its first image exists
                 manifest.write(json.dumps(record) + "\n")
             manifest.flush()
             bar.update(len(chunk))

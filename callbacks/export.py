@@ -20,12 +20,12 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from components.errors import UserError
+from components.runs import identity_changes, recorded_identity, write_identity
 
 ARTIFACT_MANIFEST = "personalize.json"
 #: what makes two runs "the same run" (a difference anywhere else, e.g. the learning rate
 #: or the number of steps, is the same experiment run again)
 IDENTITY_KEYS = ("method", "pretrained_model", "placeholder", "superclass", "concept")
-RUN_FILE = "run.json"  # the run identity, beside the checkpoints
 
 
 def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, datamodule=None) -> dict:
@@ -64,7 +64,7 @@ def artifact_conflict(folder: Path, identity: dict) -> tuple[str, str, bool] | N
             (written, IDENTITY_KEYS[:-1])
     except (OSError, ValueError, AttributeError):
         recorded, keys = {}, IDENTITY_KEYS  # a damaged manifest: not this run's
-    what = _differences(recorded, identity, keys)
+    what = identity_changes(recorded, identity, keys)
     if not what:
         return None
     return (f"{folder} holds the artifact of another run ({what}); this run would replace its trained weights",
@@ -75,23 +75,12 @@ _FIX = ("give this run its own folder: --trainer.default_root_dir outputs/<new n
         "deliberately: --overwrite_artifact true (ExportArtifact(overwrite=True))")
 
 
-def _differences(recorded: dict, identity: dict, keys=IDENTITY_KEYS) -> str:
-    differ = [k for k in keys if recorded.get(k) != identity.get(k)]
-    return ", ".join(f"{k} {recorded.get(k)!r} there, {identity.get(k)!r} here" if k != "concept" else
-                     "other concept images" for k in differ)
-
-
 def checkpoint_conflict(folder: Path, identity: dict) -> tuple[str, str, bool] | None:
     """Checkpoints of another run in ``folder`` (its ``run.json``, written when that run
     started, names it): a run killed before its artifact was written keeps its last.ckpt."""
-    marker = folder / RUN_FILE
-    if not folder.is_dir() or not marker.is_file() or not any(folder.glob("*.ckpt")):
+    if not folder.is_dir() or not any(folder.glob("*.ckpt")):
         return None
-    try:
-        recorded = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        recorded = {}
-    what = _differences(recorded if isinstance(recorded, dict) else {}, identity)
+    what = identity_changes(recorded_identity(folder), identity, IDENTITY_KEYS)
     if not what:
         return None
     return (f"{folder} holds the checkpoints of another run ({what}); this run would replace its last.ckpt", _FIX,
@@ -143,8 +132,7 @@ class ExportArtifact(L.Callback):
             rank_zero_warn(f"overwrite: {problem}; replacing it as asked.")
         if trainer.is_global_zero:  # this run's checkpoints, from now on
             for ckpt_dir in checkpoints:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                (ckpt_dir / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+                write_identity(ckpt_dir, identity)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # before the model loads and trains; train.py has checked already (before_fit)

@@ -34,8 +34,8 @@ T = TypeVar("T")
 
 CONFIG_HELP = ("YAML file (or inline YAML) of these options' keys; repeatable: a later --config, and any option "
                "after it, overrides what came before. --print_config prints the resolved options as such a file")
-SPELLING_NOTE = ("Options are spelled as their YAML keys (--num_images), the canonical form; the older dashed "
-                 "spellings (--num-images) still work.")
+SPELLING_NOTE = ("Options are spelled as their YAML keys (--num_images), the canonical form;\n"
+                 "the older dashed spellings (--num-images) still work.")
 
 #: an alias: the replacement words for a flag, or a function of the flag's value -> words
 Alias = Union[Sequence[str], Callable[[str], Sequence[str]]]
@@ -46,12 +46,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
 
 
 def command_parser(options: type, prog: str, description: str, epilog: str | None = None,
-                   skip: set[str] | None = None) -> ArgumentParser:
-    """A parser of ``options`` (a dataclass) with ``--config`` and ``--print_config``."""
+                   skip: set[str] | None = None, positional: bool = False) -> ArgumentParser:
+    """A parser of ``options`` (a dataclass) with ``--config`` and ``--print_config``;
+    ``positional``: its fields without a default are positional arguments."""
     parser = ArgumentParser(prog=prog, description=f"{description}\n\n{SPELLING_NOTE}", epilog=epilog,
                             formatter_class=HelpFormatter, print_config="--print_config")
     parser.add_argument("--config", action=ActionConfigFile, help=CONFIG_HELP)
-    parser.add_class_arguments(options, as_group=False, skip=skip, fail_untyped=False, instantiate=False)
+    parser.add_class_arguments(options, as_group=False, as_positional=positional, skip=skip, fail_untyped=False,
+                               instantiate=False)
     return parser
 
 
@@ -60,13 +62,14 @@ def option_names(parser: ArgumentParser) -> set[str]:
 
 
 def normalise_argv(argv: Sequence[str], parser: ArgumentParser, aliases: dict[str, Alias] | None = None,
-                   lists: set[str] = frozenset()) -> list[str]:
+                   lists: set[str] = frozenset(), bare: dict[str, str] | None = None) -> list[str]:
     """``argv`` with the old spellings rewritten: ``--foo-bar`` -> ``--foo_bar`` (when that is an
     option), ``--foo-bar=v`` -> ``--foo_bar=v``, each alias flag replaced by its words (an
     alias that is a function takes the flag's value, the next word), and the words after a
     list option (``lists``), up to the next option, made one list (``--concepts a b`` ->
-    ``--concepts '["a", "b"]'``, as argparse's ``nargs="+"`` took them). Values are never
-    rewritten."""
+    ``--concepts '["a", "b"]'``, as argparse's ``nargs="+"`` took them); a ``bare`` flag
+    given without a value takes its value there (``--compile`` -> ``--compile default``, as
+    argparse's ``nargs="?"`` with a ``const``). Values are never rewritten."""
     known, aliases, out = option_names(parser), aliases or {}, []
     words = list(argv)
     i = 0
@@ -94,6 +97,9 @@ def normalise_argv(argv: Sequence[str], parser: ArgumentParser, aliases: dict[st
             canonical = "--" + flag[2:].replace("-", "_")
             if canonical in known or canonical.split(".")[0] in known:
                 flag = canonical
+        if bare and flag in bare and not eq and (i >= len(words) or words[i].startswith("--")):
+            out.extend([flag, bare[flag]])
+            continue
         if flag in lists and not eq:
             items = []
             while i < len(words) and not (words[i].startswith("--") and len(words[i]) > 2):
@@ -110,17 +116,59 @@ def normalise_argv(argv: Sequence[str], parser: ArgumentParser, aliases: dict[st
 
 def list_options(options: type) -> set[str]:
     """The flags of ``options``' list-typed fields."""
-    return {f"--{f.name}" for f in dataclasses.fields(options) if "list[" in str(f.type)}
+    return {f"--{f.name}" for f in dataclasses.fields(options) if str(f.type).replace("typing.", "").startswith(("list[", "List["))}
 
 
 def parse_options(parser: ArgumentParser, options: type[T], argv: Sequence[str] | None,
-                  aliases: dict[str, Alias] | None = None) -> T:
-    """``options`` from the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+                  aliases: dict[str, Alias] | None = None, bare: dict[str, str] | None = None) -> T:
+    """``options`` from the command line (``sys.argv[1:]`` when ``argv`` is None), old
+    spellings rewritten by :func:`normalise_argv`."""
     argv = sys.argv[1:] if argv is None else argv
-    namespace = parser.parse_args(normalise_argv(argv, parser, aliases, list_options(options)))
+    namespace = parser.parse_args(normalise_argv(argv, parser, aliases, list_options(options), bare))
     values = namespace.as_dict()
     names = {f.name for f in dataclasses.fields(options)}
     return options(**{k: v for k, v in values.items() if k in names})
+
+
+def subcommands_parser(prog: str, description: str, commands: dict[str, tuple[type, str]],
+                       positional: bool = False) -> ArgumentParser:
+    """A parser of ``prog <command> ...``: one :func:`command_parser` per command
+    (``commands``: name -> (options dataclass, one-line help))."""
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    sub = parser.add_subcommands(dest="command", required=True)
+    for name, (options, help_) in commands.items():
+        sub.add_subcommand(name, command_parser(options, prog=f"{prog} {name}", description=help_,
+                                                positional=positional), help=help_)
+    return parser
+
+
+def parse_subcommand(parser: ArgumentParser, commands: dict[str, tuple[type, str]], argv: Sequence[str] | None,
+                     aliases: dict[str, Alias] | None = None) -> tuple[str, object]:
+    """(command, its options dataclass) from the command line, old spellings rewritten."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in commands), None)
+    if command is not None:
+        at = argv.index(command)
+        sub = parser._subcommands_action._name_parser_map[command]
+        argv[at + 1:] = normalise_argv(argv[at + 1:], sub, aliases, list_options(commands[command][0]))
+    namespace = parser.parse_args(argv)
+    values = namespace[namespace.command].as_dict()
+    names = {f.name for f in dataclasses.fields(commands[namespace.command][0])}
+    return namespace.command, commands[namespace.command][0](**{k: v for k, v in values.items() if k in names})
+
+
+def set_alias(option: str = "--settings", flag: str = "--set") -> Callable[[str], list[str]]:
+    """The alias of the old ``--set KEY=VALUE`` (repeatable): ``--settings.KEY VALUE``, one key
+    of a mapping option (the value is YAML, as before)."""
+
+    def words(item: str) -> list[str]:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} guidance=5",
+                            fix=f"or {option}.guidance 5")
+        return [f"{option}.{key.strip()}", value]
+
+    return words
 
 
 @contextmanager

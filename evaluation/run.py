@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import re
 import time
@@ -29,9 +28,9 @@ from typing import Callable
 import torch
 import yaml
 
-from components.atomic import atomic_path
 from components.errors import UserError
 from components.loader import cache_dir
+from components.runs import check_identity, write_identity
 from evaluation.pareto import plot_pareto, summarize
 from evaluation.results import COLUMNS, ResultStore, cell_key
 from evaluation.subjects import Subject, dreambooth_subjects, folder_subject
@@ -41,20 +40,52 @@ from metrics import DEFAULT_CLIP, DEFAULT_DINO, ConceptMetrics, ReferenceCache
 
 @dataclass
 class EvalConfig:
-    """One evaluation run (the keys of a ``configs/eval/*.yaml`` file).
+    """One evaluation run (the keys of a ``configs/eval/*.yaml`` file; evaluate.py's options).
 
-    Model: ``model`` (base model: hub id, diffusers folder, ``tiny``) and/or ``artifact``
-    (a trained artifact folder; ``{subject}`` in it is replaced by each subject name).
-    Subjects: ``dreambooth_root`` (+ ``subjects``, default all) or ``concept_dir`` +
-    ``superclass``. Prompts: ``"auto"`` (the DreamBooth set of each subject's class),
-    ``"object"``, ``"live"``, a file or a list; ``num_prompts`` keeps the first ones.
-    ``judge``: a MiniWorld judge folder: also the ground-truth ``identity`` and ``prompt``
-    accuracy of MiniWorld concepts (:mod:`miniworld.metrics`).
-    Work: ``share`` samples all pending settings of a subject together through
-    :class:`evaluation.planner.SweepPlanner` (shared trajectory prefixes, UNet calls of
-    ``unet_batch`` rows); off, each setting samples on its own in batches of
-    ``batch_size`` images. ``compile``: torch.compile the UNet (``components.compile``);
-    ``dtype``: the model's dtype for sampling (``bfloat16`` on a GPU; metrics stay fp32).
+    Model: ``model`` and/or ``artifact``. Subjects: ``dreambooth_root`` (+ ``subjects``,
+    default all) or ``concept_dir`` + ``superclass``. ``judge``: a MiniWorld judge folder:
+    also the ground-truth ``identity`` and ``prompt`` accuracy of MiniWorld concepts
+    (:mod:`miniworld.metrics`). Work: ``share`` samples all pending settings of a subject
+    together through :class:`evaluation.planner.SweepPlanner` (shared trajectory prefixes,
+    UNet calls of ``unet_batch`` rows); off, each setting samples on its own in batches of
+    ``batch_size`` images.
+
+    Args:
+        model: base model: diffusers folder, hub id or 'tiny' (with artifact: overrides its base).
+        artifact: trained artifact folder; '{subject}' in it becomes each subject's name.
+        dreambooth_root: DreamBooth-layout root: one folder per subject + prompts_and_classes.txt.
+        subjects: subject names under dreambooth_root (default: all).
+        concept_dir: a single concept's image folder instead ('demo': the synthetic demo concept;
+            'miniworld:<concept>': a MiniWorld concept, with its prompts.txt).
+        superclass: class word of concept_dir.
+        prompts: 'auto' (the DreamBooth set of the class), 'object', 'live', a file of templates, or a list.
+        num_prompts: keep the first N prompts (0: all).
+        num_images: images per prompt (the study uses 10).
+        seed: base seed of the per-(prompt, image) latents.
+        batch_size: images per sampler run (cells sampled together).
+        sweep: sampler settings to evaluate: a list of entries (evaluation/sweep.py), or a sweep YAML file.
+        defaults: settings given to every sampler of the sweep, e.g. {num_steps: 25}.
+        clip: CLIP hub id or folder ('tiny': tiny random backbone).
+        dino: DINO / DINOv2 hub id or folder, e.g. facebook/dinov2-small ('tiny', 'tiny-dinov2'); null: no DINO.
+        clip_backend: transformers or open_clip.
+        clip_t_text: CLIP-T text: the slot filled with the superclass word (superclass), or removed (remove).
+        judge: MiniWorld judge folder (miniworld/pretrained/judge): also the ground-truth identity and prompt
+            accuracy of MiniWorld concepts.
+        output: output folder (results.csv, plots, grids).
+        device: device of a single-process run: auto, cpu, cuda, cuda:1.
+        devices: ranks per node; > 1 runs Lightning Fabric DDP.
+        accelerator: Fabric accelerator: auto, gpu, cpu.
+        num_nodes: nodes of a Fabric run (SLURM / torchrun).
+        save_grids: save image grids (rows prompts, columns images).
+        wandb_project: log the tables and plots to this W&B project (WANDB_MODE=offline works).
+        wandb_name: W&B run name.
+        log_grids: also log every cell's image grid to W&B.
+        share: sample all settings of a subject together (shared trajectory prefixes, packed UNet batches; the
+            same images to float rounding); false: each setting on its own.
+        unet_batch: rows per UNet call when settings are shared (32-64 on a GPU).
+        compile: torch.compile the UNet (static shapes): true/false, default, reduce-overhead, max-autotune,
+            max-autotune-no-cudagraphs, or a mapping of torch.compile keywords.
+        dtype: model dtype for sampling (float32, bfloat16, float16; metrics stay fp32).
     """
 
     model: str | None = None
@@ -133,7 +164,9 @@ class Ranks:
 
 
 def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    from lightning_modules.loading import resolve_device as resolve
+
+    return resolve(device)
 
 
 def fabric_ranks(cfg: EvalConfig) -> Ranks:
@@ -159,8 +192,8 @@ def build_subjects(cfg: EvalConfig) -> list[Subject]:
 
 
 class ModelSource:
-    """Loads the model of each subject once: the base model (components shared by all
-    subjects) or the subject's trained artifact."""
+    """Loads the model of each subject once (:func:`lightning_modules.loading.load_model`): the
+    base model (components shared by all subjects) or the subject's trained artifact."""
 
     def __init__(self, cfg: EvalConfig, device: torch.device):
         if cfg.model is None and not cfg.artifact:
@@ -177,22 +210,13 @@ class ModelSource:
         if self._current is not None and self._current[0] == subject.name:
             return self._current[1]
         self._current = None  # free the previous subject's model first
-        if self.cfg.artifact:
-            from lightning_modules import load_personalized
+        from lightning_modules.loading import load_model
 
-            model = load_personalized(self.cfg.model, artifact=self.cfg.artifact.format(subject=subject.name),
-                                      dtype=self.dtype)
-            model = model.to(self.device) if isinstance(model, torch.nn.Module) else model
-        else:
-            from components.loader import load_components
-            from components.personalized import BaseModel
-
-            if self._components is None:
-                self._components = load_components(self.cfg.model).to(self.device, dtype=self.dtype)
-            model = BaseModel(self._components, superclass=subject.superclass)
-        from components.compile import compile_unet
-
-        compile_unet(model.components.unet, self.cfg.compile)
+        artifact = self.cfg.artifact.format(subject=subject.name) if self.cfg.artifact else None
+        model = load_model(self.cfg.model, artifact, superclass=None if artifact else subject.superclass,
+                           device=self.device, dtype=self.dtype, compile=self.cfg.compile, components=self._components)
+        if artifact is None:
+            self._components = model.components  # loaded once, shared by every subject
         self._current = (subject.name, model)
         return model
 
@@ -290,20 +314,12 @@ def _grid_path(output: Path, subject: str, point: SweepPoint) -> Path:
 def _check_identity(output: Path, cfg: EvalConfig) -> None:
     """Refuse an output folder holding results of another evaluation. A folder without
     results is free, whatever its run.json says (a run that failed before its first cell)."""
-    path = output / "run.json"
     ident = cfg.identity()
-    if path.exists() and ResultStore(output).rows():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(ident)):
-            diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
-            raise ValueError(
-                f"{output} holds results of another evaluation (changed: {diff}). Its rows would not be comparable: "
-                "choose another output folder, or delete this one to start again."
-            )
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(ident, indent=2))
+    rows = bool(ResultStore(output).rows()) if output.exists() else False
+    check_identity(output, ident, in_use=rows,
+                   problem="{folder} holds results of another evaluation ({changes}); its rows would not be comparable",
+                   fix="choose another output folder, or delete this one to start again")
+    write_identity(output, ident)
 
 
 def run_evaluation(cfg: EvalConfig, ranks: Ranks | None = None, log: Callable[[str], None] = print) -> list[dict]:

@@ -14,37 +14,85 @@ The text-to-image model itself trains through the project's CLI:
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+from typing import Literal
+
+PROG = "python -m miniworld"
+
+
+@dataclass
+class WriteConcept:
+    """Write a concept folder (its views, prompts.txt and concept.json).
+
+    Args:
+        name: concept name, e.g. orange_checkered_ball ("all": one subfolder per concept).
+        folder: the folder to write.
+        num_images: views of the concept.
+        size: image size in pixels.
+        seed: seed of the views.
+        placeholder: identifier word written in the folder's prompts.
+        context: views in the concept's one scene (scene), + a shared prop (prop), or each in another scene (varied).
+    """
+
+    name: str
+    folder: str
+    num_images: int = 5
+    size: int = 32
+    seed: int = 0
+    placeholder: str = "sks"
+    context: Literal["scene", "prop", "varied"] = "scene"
+
+
+@dataclass
+class Preview:
+    """A contact sheet of the world: one row per scene, then the concepts.
+
+    Args:
+        out: the PNG to write.
+        seed: seed of the renders.
+        scale: pixel scale of the sheet.
+    """
+
+    out: str
+    seed: int = 0
+    scale: int = 3
+
+
+@dataclass
+class Train:
+    """Train one of the world's models.
+
+    Args:
+        out: output folder (required).
+        steps: training steps (default: the model's own).
+        seed: seed of the data and the initialisation.
+    """
+
+    out: str | None = None
+    steps: int | None = None
+    seed: int = 0
+
+
+COMMANDS = {
+    "write-concept": (WriteConcept, "write a concept folder"),
+    "preview": (Preview, "contact sheet of the world"),
+    "train-vae": (Train, "stage 1 of the text-to-image model"),
+    "train-judge": (Train, "the attribute classifier used by the quality script"),
+    "train-clip": (Train, "the CLIP-like encoder of the metrics"),
+    "train-dino": (Train, "the DINO-like identity encoder of the metrics"),
+}
+
+
+def parse(argv: list[str] | None = None):
+    """(command, its options) from the command line; dashed spellings (--num-images) kept."""
+    from components.cli import parse_subcommand, subcommands_parser
+
+    return parse_subcommand(subcommands_parser(PROG, __doc__, COMMANDS, positional=True), COMMANDS, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m miniworld", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("write-concept", help="write a concept folder")
-    p.add_argument("name")
-    p.add_argument("folder")
-    p.add_argument("--num-images", type=int, default=5)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--placeholder", default="sks")
-    p.add_argument("--context", default="scene", choices=["scene", "prop", "varied"],
-                   help="views in the concept's one scene, + a shared prop, or each in another scene")
-
-    p = sub.add_parser("preview", help="contact sheet of the world")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=3)
-
-    for name in ("train-vae", "train-judge", "train-clip", "train-dino"):
-        p = sub.add_parser(name)
-        p.add_argument("--out", required=True)
-        p.add_argument("--steps", type=int, default=None)
-        p.add_argument("--seed", type=int, default=0)
-
-    args = parser.parse_args(argv)
-    if args.command == "write-concept":
+    command, args = parse(argv)
+    if command == "write-concept":
         from miniworld.concepts import write_concept
         from miniworld.world import CONCEPTS
 
@@ -53,18 +101,22 @@ def main(argv: list[str] | None = None) -> None:
             folder = f"{args.folder}/{name}" if args.name == "all" else args.folder
             write_concept(name, folder, args.num_images, args.size, args.seed, args.placeholder, args.context)
             print(f"wrote {folder}")
-    elif args.command == "preview":
+    elif command == "preview":
         from miniworld.world import World
 
         World(args.seed).contact_sheet(scale=args.scale).save(args.out)
         print(f"wrote {args.out}")
     else:
+        if not args.out:
+            from components.errors import UserError
+
+            raise UserError(f"{command} needs an output folder", fix=f"{PROG} {command} --out DIR")
         kw = dict(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
-        if args.command == "train-vae":
+        if command == "train-vae":
             from miniworld.vae import train_vae as train
-        elif args.command == "train-judge":
+        elif command == "train-judge":
             from miniworld.judge import train_judge as train
-        elif args.command == "train-clip":
+        elif command == "train-clip":
             from miniworld.encoders import train_clip as train
         else:
             from miniworld.encoders import train_dino as train
@@ -72,4 +124,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from components.errors import run_command
+
+    run_command(main, prog=PROG)

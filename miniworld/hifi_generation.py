@@ -17,9 +17,9 @@ and a picture.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -167,35 +167,84 @@ def mean_cost(rows, key):
     return sum(r["cost"][key] for r in rows) / max(len(rows), 1)
 
 
+@dataclass
+class Reference:
+    """Reference-guided generation (Algorithm 2) against plain concept sampling.
+
+    Args:
+        artifact: the trained artifact folder.
+        concept: the MiniWorld concept it was trained on.
+        out: output folder (results JSON and picture).
+        num_steps: DDIM steps.
+        guidance: classifier-free guidance.
+        inner_steps: J, Adam steps per guided timestep.
+        seed: base seed of the latents.
+        t_s: guidance starts at this step of num_steps (paper: 40 of 50).
+        t_e: and ends at this one (paper: 10 of 50).
+        lr: Adam lr of the guidance.
+        num_prompts: the first N MiniWorld prompts (0: all 25).
+        num_images: images per prompt.
+        batch_size: prompts per sampler call.
+        figure_prompts: prompts in the picture.
+    """
+
+    artifact: str
+    concept: str
+    out: str
+    num_steps: int = 25
+    guidance: float = 7.5
+    inner_steps: int = 10
+    seed: int = 0
+    t_s: int = 20
+    t_e: int = 5
+    lr: float = 1e-2
+    num_prompts: int = 0
+    num_images: int = 1
+    batch_size: int = 25
+    figure_prompts: int = 8
+
+
+@dataclass
+class Replace:
+    """Subject replacement (Algorithm 3) on held-out world images.
+
+    Args:
+        artifact: the trained artifact folder.
+        concept: the MiniWorld concept it was trained on.
+        out: output folder (results JSON and picture).
+        num_steps: DDIM steps.
+        guidance: classifier-free guidance.
+        inner_steps: K, null-text optimization steps per timestep.
+        seed: seed.
+        lr: null-text lr (MiniWorld: 5e-2; Mokady et al.: 1e-2).
+        num_images: held-out world images edited.
+        figure_images: images in the picture.
+    """
+
+    artifact: str
+    concept: str
+    out: str
+    num_steps: int = 25
+    guidance: float = 7.5
+    inner_steps: int = 10
+    seed: int = 0
+    lr: float = 5e-2
+    num_images: int = 20
+    figure_images: int = 8
+
+
+COMMANDS = {"reference": (Reference, "reference-guided generation (Algorithm 2) against plain concept sampling"),
+            "replace": (Replace, "subject replacement (Algorithm 3) on held-out world images")}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m miniworld.hifi_generation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("reference", "replace"):
-        p = sub.add_parser(name)
-        p.add_argument("--artifact", required=True)
-        p.add_argument("--concept", required=True)
-        p.add_argument("--out", required=True)
-        p.add_argument("--num-steps", type=int, default=25)
-        p.add_argument("--guidance", type=float, default=7.5)
-        p.add_argument("--inner-steps", type=int, default=10)
-        p.add_argument("--seed", type=int, default=0)
-        if name == "reference":
-            p.add_argument("--t-s", type=int, default=20, help="of --num-steps (paper: 40 of 50)")
-            p.add_argument("--t-e", type=int, default=5, help="of --num-steps (paper: 10 of 50)")
-            p.add_argument("--lr", type=float, default=1e-2)
-            p.add_argument("--num-prompts", type=int, default=0, help="0: all 25")
-            p.add_argument("--num-images", type=int, default=1)
-            p.add_argument("--batch-size", type=int, default=25)
-            p.add_argument("--figure-prompts", type=int, default=8)
-        else:
-            p.add_argument("--lr", type=float, default=5e-2, help="null-text lr (MiniWorld: 5e-2; Mokady et al.: 1e-2)")
-            p.add_argument("--num-images", type=int, default=20)
-            p.add_argument("--figure-images", type=int, default=8)
-    args = parser.parse_args(argv)
+    from components.cli import parse_subcommand, subcommands_parser
+
+    parser = subcommands_parser("python -m miniworld.hifi_generation", __doc__, COMMANDS)
+    command, args = parse_subcommand(parser, COMMANDS, argv)
     torch.manual_seed(0)
-    result = reference(args) if args.command == "reference" else replace(args)
-    path = Path(args.out) / f"{args.command}_{args.concept}.json"
+    result = reference(args) if command == "reference" else replace(args)
+    path = Path(args.out) / f"{command}_{args.concept}.json"
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
 

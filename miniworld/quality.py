@@ -22,8 +22,8 @@ Prints, for whichever models are given:
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,23 +148,49 @@ def concept_separation(clip_dir: str, dino_dir: str, views: int = 10, seed: int 
     return sums
 
 
+@dataclass
+class QualityOptions:
+    """Which MiniWorld models to measure, and how.
+
+    Args:
+        model: diffusers pipeline folder ('' to skip).
+        judge: judge folder ('' to skip).
+        clip: CLIP folder ('' to skip).
+        dino: DINO folder ('' to skip).
+        num_prompts: random prompts "a {colour} {shape} {scene}", one image each.
+        num_held_out: held-out renders for the judge.
+        steps: DDIM steps.
+        guidance: classifier-free guidance scale.
+        seed: seed of the prompts and the images.
+        prompt_set: also judge the 25 study prompts x 8 shape words (old spelling: --prompt-set / --no-prompt-set).
+        grid: also save the first samples as a PNG grid here.
+        json: also write the figures to this JSON file.
+    """
+
+    model: str = str(PRETRAINED / "sd")
+    judge: str = str(PRETRAINED / "judge")
+    clip: str = str(PRETRAINED / "clip")
+    dino: str = str(PRETRAINED / "dino")
+    num_prompts: int = 200
+    num_held_out: int = 2000
+    steps: int = 50
+    guidance: float = 5.0
+    seed: int = 0
+    prompt_set: bool = True
+    grid: str = ""
+    json: str = ""
+
+
+def parse_options(argv: list[str] | None = None) -> QualityOptions:
+    from components.cli import command_parser, parse_options as parse
+
+    parser = command_parser(QualityOptions, prog="python -m miniworld.quality", description=__doc__)
+    return parse(parser, QualityOptions, argv,
+                 aliases={"--prompt-set": ["--prompt_set", "true"], "--no-prompt-set": ["--prompt_set", "false"]})
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m miniworld.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(PRETRAINED / "sd"), help="diffusers pipeline folder ('' to skip)")
-    p.add_argument("--judge", default=str(PRETRAINED / "judge"))
-    p.add_argument("--clip", default=str(PRETRAINED / "clip"), help="CLIP folder ('' to skip)")
-    p.add_argument("--dino", default=str(PRETRAINED / "dino"), help="DINO folder ('' to skip)")
-    p.add_argument("--num-prompts", type=int, default=200)
-    p.add_argument("--num-held-out", type=int, default=2000, help="held-out renders for the judge")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-set", action=argparse.BooleanOptionalAction, default=True,
-                   help="also judge the 25 study prompts x 8 shape words")
-    p.add_argument("--grid", default="", help="also save the first samples as a PNG grid here")
-    p.add_argument("--json", default="", help="also write the figures to this JSON file")
-    args = p.parse_args(argv)
+    args = parse_options(argv)
     results: dict[str, dict] = {}
 
     judge = load_judge(args.judge) if args.judge else None
@@ -222,4 +248,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from components.errors import run_command
+
+    run_command(main, prog="python -m miniworld.quality")

@@ -16,7 +16,9 @@ from samplers.masked import MaskedSampler
 from samplers.photoswap import PhotoswapSampler
 from samplers.profusion import ProFusionSampler
 from samplers.reference_guided import ReferenceGuidedSampler
-from samplers.registry import SAMPLERS, build_sampler, load_sampler_config, register, sampler_from_config
+from samplers.registry import (
+    SAMPLERS, build_sampler, load_sampler_config, parse_sampler_spec, register, sampler_from_config, sampler_spec,
+)
 from samplers.seeding import initial_latents
 
 
@@ -35,8 +37,10 @@ __all__ = [
     "build_sampler",
     "initial_latents",
     "load_sampler_config",
+    "parse_sampler_spec",
     "register",
     "sampler_from_config",
+    "sampler_spec",
     "scale_at",
     "ConceptSampler",
     "SuperclassSampler",

@@ -80,6 +80,24 @@ def parse_sampler_spec(spec: Any) -> tuple[str, str, dict]:
                      "a mapping {sampler: mixed, name: optional log name, <settings>...}.")
 
 
+def sampler_spec(sampler: Any = None, config: str | os.PathLike | None = None,
+                 settings: dict | None = None) -> tuple[str, dict]:
+    """(name, settings) of a command's sampler options, through :func:`parse_sampler_spec`:
+    ``sampler`` (a name, a sampler YAML or a mapping), ``config`` (a sampler YAML: its name
+    must agree with ``sampler``'s), then ``settings`` over both. ValueError naming the fix."""
+    name, merged = None, {}
+    if config:
+        name, merged = load_sampler_config(config)
+    if sampler:
+        _, own, own_settings = parse_sampler_spec(sampler)
+        if name and own != name:
+            raise ValueError(f"--sampler {own} contradicts {config}, which configures '{name}'")
+        name, merged = own, {**own_settings, **merged}
+    if not name:
+        raise ValueError("choose a sampler with --sampler NAME or --sampler_config YAML")
+    return name, {**merged, **(settings or {})}
+
+
 def _sampler_class(name: str) -> type[Sampler]:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

@@ -116,6 +116,9 @@ RUN: dict[str, Run] = {
     "python sample.py --model stabilityai/stable-diffusion-2-base --superclass dog "
     "--sampler-config configs/samplers/photoswap.yaml --prompts prompts.txt --out out/":
         Run(extra=["--num-images", "1"], files=["out/manifest.jsonl", "out/p000_i000.png"]),
+    "python sample.py --model stabilityai/stable-diffusion-2-base --superclass dog --sampler mixed "
+    "--settings.guidance_concept 3.5 --prompts prompts.txt --out out/ --print_config":
+        Run(stdout="guidance_concept: 3.5"),
 }
 
 GPU, SLURM = "needs GPUs", "needs a SLURM cluster"

@@ -88,7 +88,7 @@ def test_out_dir_with_other_settings_is_an_error(tmp_path, capsys):
     (["--sampler", "photoswap", "--set", "num_steps=30", "--set", "t_sm=40"], "photoswap: t_sm=40 is beyond num_steps=30"),
     (["--sampler", "mixed", "--set", "guidance"], "--set 'guidance': write KEY=VALUE"),
     (["--sampler", "concept", "--prompts", "a dog"], "has no '{}' slot"),
-    ([], "choose a sampler with --sampler NAME or --sampler-config YAML"),
+    ([], "choose a sampler with --sampler NAME or --sampler_config YAML"),
 ])
 def test_bad_settings_rejected_before_any_work(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.setattr(sample, "load_model", lambda args: pytest.fail("the model was loaded before validation"))
@@ -104,8 +104,8 @@ def test_sampler_config_with_overrides(tmp_path, monkeypatch):
     from pathlib import Path
 
     config = Path(__file__).resolve().parents[1] / "configs" / "samplers" / "masked.yaml"
-    args = sample.build_parser().parse_args(BASE + PROMPTS + ["--sampler-config", str(config), "--set", "q=0.5",
-                                                              "--out", str(tmp_path)])
+    args = sample.parse_options(BASE + PROMPTS + ["--sampler-config", str(config), "--set", "q=0.5",
+                                                  "--out", str(tmp_path)])
     sampler = sample.resolve_sampler(args)
     assert sampler.name == "masked" and sampler.q == 0.5 and sampler.t_sw == 3 and sampler.num_steps == 50
     args.sampler = "mixed"
@@ -114,14 +114,14 @@ def test_sampler_config_with_overrides(tmp_path, monkeypatch):
 
 
 def test_prompt_sources(tmp_path):
-    parser = sample.build_parser()
-    live = sample.resolve_templates(parser.parse_args(["--dreambooth-prompts", "live", "--out", "x"]))
+    parse = sample.parse_options
+    live = sample.resolve_templates(parse(["--dreambooth-prompts", "live", "--out", "x"]))
     assert len(live) == 25 and live[0] == "a {} in the jungle" and "a {} in a chef outfit" in live
-    obj = sample.resolve_templates(parser.parse_args(["--dreambooth-prompts", "object", "--out", "x"]))
+    obj = sample.resolve_templates(parse(["--dreambooth-prompts", "object", "--out", "x"]))
     assert len(obj) == 25 and "a {} floating in an ocean of milk" in obj
     f = tmp_path / "prompts.txt"
     f.write_text("# my prompts\na {} on the moon\n\na watercolor of a {}\n")
-    assert sample.resolve_templates(parser.parse_args(["--prompts", str(f), "--out", "x"])) == [
+    assert sample.resolve_templates(parse(["--prompts", str(f), "--out", "x"])) == [
         "a {} on the moon", "a watercolor of a {}"]
 
 
