@@ -21,8 +21,8 @@ from components.pixels import make_grid, to_uint8  # noqa: F401 - re-exported (c
 
 
 def log_grid(trainer: L.Trainer, key: str, grid: np.ndarray, caption: str, step: int,
-             log_dir: str | Path | None = None) -> Path | None:
-    """Log a uint8 grid to every logger that takes images, and save it as a PNG.
+             log_dir: str | Path | None = None, png: bool = True) -> Path | None:
+    """Log a uint8 grid to every logger that takes images, and save it as a PNG (``png``).
 
     ``log_dir``: where the PNG goes (default ``trainer.log_dir``). ``trainer.log_dir`` is a
     collective under DDP (it broadcasts), so callers logging from rank 0 only must read it
@@ -35,6 +35,8 @@ def log_grid(trainer: L.Trainer, key: str, grid: np.ndarray, caption: str, step:
             logger.log_image(key=key, images=[Image.fromarray(grid)], caption=[caption], step=step)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, grid, global_step=step, dataformats="HWC")
+    if not png:
+        return None
     out_dir = Path(log_dir or trainer.log_dir or trainer.default_root_dir) / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{key.replace('/', '_')}_step{step:06d}.png"

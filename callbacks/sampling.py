@@ -93,6 +93,10 @@ class SamplerValidation(L.Callback):
         compile: ``torch.compile`` the UNet while sampling (``components.compile``: true,
             a mode, or torch.compile keywords); training stays as it is. Static
             shapes: the last batch is padded, so each validation reuses the compiled graphs.
+        grid_aliases: also log a sampler's grid under other keys, ``{concept: val/images}``:
+            the quickstart's ``val/images`` grid is the concept sampler's grid of this run,
+            so the concept images are rendered once (no separate ImageGridLogger). Loggers
+            only: the PNG in ``images/`` is the sampler's own (``val_concept_grid_*.png``).
     """
 
     def __init__(
@@ -115,12 +119,18 @@ class SamplerValidation(L.Callback):
         judge: str | None = None,
         print_values: bool = False,
         compile: bool | str | dict = False,
+        grid_aliases: dict[str, str] | None = None,
     ):
         from components.compile import compile_options
 
         compile_options(compile)  # a bad value fails now
         self.compile, self._compiled = compile, {}
         self.entries = _build_entries(list(samplers))
+        self.grid_aliases = dict(grid_aliases or {})
+        unknown = sorted(set(self.grid_aliases) - {e.name for e in self.entries})
+        if unknown:
+            raise ValueError(f"SamplerValidation grid_aliases name no sampler of this callback: {unknown}; "
+                             f"the samplers are {[e.name for e in self.entries]}.")
         if prompts is not None and any("{}" not in p for p in prompts):
             raise ValueError(f"Validation prompts need a '{{}}' slot for the subject: {[p for p in prompts if '{}' not in p][:3]}.")
         if num_images < 1:
@@ -304,8 +314,10 @@ class SamplerValidation(L.Callback):
         for e in self.entries:
             grid = _assemble(gathered, e.name, local["cells"])
             if grid is not None:
-                log_grid(trainer, f"val/{e.name}/grid", make_grid(grid, rows=local["rows"]),
-                         " | ".join(templates), step, log_dir=log_dir)
+                grid = make_grid(grid, rows=local["rows"])
+                log_grid(trainer, f"val/{e.name}/grid", grid, " | ".join(templates), step, log_dir=log_dir)
+                if e.name in self.grid_aliases:
+                    log_grid(trainer, self.grid_aliases[e.name], grid, " | ".join(templates), step, png=False)
         return values
 
 

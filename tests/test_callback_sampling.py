@@ -263,3 +263,10 @@ def test_values_reach_callback_metrics_for_monitors(tmp_path):
     value = cb.last_values["val/concept/clip_i"]
     assert float(trainer.callback_metrics["val/concept/clip_i"]) == pytest.approx(value, abs=1e-6)
     assert ckpt.best_model_score is not None and float(ckpt.best_model_score) == pytest.approx(value, abs=1e-6)
+
+
+def test_grid_aliases_name_a_sampler_of_the_callback():
+    cb = SamplerValidation(samplers=["concept", "mixed"], clip="tiny", grid_aliases={"concept": "val/images"})
+    assert cb.grid_aliases == {"concept": "val/images"}
+    with pytest.raises(ValueError, match="grid_aliases name no sampler"):
+        SamplerValidation(samplers=["mixed"], clip="tiny", grid_aliases={"concept": "val/images"})

@@ -1,5 +1,7 @@
 """The README's quickstart through train.py (shortened): an offline W&B run with a loss
-curve and a non-blank image grid, a checkpoint, and the exported artifact."""
+curve and a non-blank image grid, a checkpoint, and the exported artifact. The concept grid is
+rendered once per validation (SamplerValidation's concept sampler) and logged as W&B's
+val/images too."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from PIL import Image
 
 from wandb_offline import images, metric_values, run_dir
 
@@ -23,7 +27,10 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["trainer"].update(max_epochs=4, check_val_every_n_epoch=2)
     cfg["data"]["init_args"]["repeats"] = 2
-    validation = cfg["trainer"]["callbacks"][3]["init_args"]
+    classes = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
+    assert "callbacks.ImageGridLogger" not in classes  # one render of the concept grid: SamplerValidation's
+    validation = cfg["trainer"]["callbacks"][classes.index("callbacks.SamplerValidation")]["init_args"]
+    assert validation["grid_aliases"] == {"concept": "val/images"}
     validation.update(every_n_epochs=2, num_prompts=2, num_images=1)
     (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(cfg))
     args = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(tmp_path / "quickstart.yaml")]
@@ -46,8 +53,18 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
         for metric in ("clip_i", "clip_t", "dino"):
             values = metric_values(run, f"val/{sampler}/{metric}")
             assert values and all(-1 <= v <= 1 for v in values), (sampler, metric)
-    grid = grids[-1]
-    assert grid.shape[0] > 4 * 32 and grid.std() > 5  # 4 prompt rows of 32 px images, not blank
+    media = run / "files" / "media" / "images" / "val"
+    in_order = lambda pattern: [np.asarray(Image.open(f).convert("RGB"))  # noqa: E731 - by W&B's history row
+                                for f in sorted(media.glob(pattern), key=lambda f: int(f.name.split("_")[1]))]
+    aliased, concept = in_order("images_*.png"), in_order("concept/grid_*.png")
+    assert len(aliased) == len(concept) == 2
+    for grid, concept_grid in zip(aliased, concept):  # val/images is that validation's concept grid, pixel for pixel
+        assert np.array_equal(grid, concept_grid)
+        assert grid.shape[0] == 2 + 2 * 34 and grid.std() > 5  # 2 prompt rows of 32 px images, not blank
+    assert not np.array_equal(aliased[0], aliased[1])  # the model trained between the two
+    pngs = sorted(p.name for p in out.rglob("images/*.png"))  # the grids as PNG in images/
+    assert len(pngs) == 2 * 3 and all(p.startswith(("val_concept_grid", "val_superclass_grid", "val_mixed_grid"))
+                                      for p in pngs), pngs
     assert (out / "checkpoints" / "last.ckpt").exists()
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(k.startswith("unet.") for k in ckpt["state_dict"])
