@@ -32,6 +32,15 @@ Printed per method: steps/s (1 / median step time over the timed steps, in proce
 time so other jobs on shared cores do not count; wall time next to it) and time to the
 first step (wall and CPU seconds from process start: imports, loading, data set-up and
 the first step), the project's figures over diffusers' as min / median over the repeats.
+
+``--ceiling`` adds a third run to every repeat, in a fresh process: the project's method
+built as training builds it, on the same model, images and batch, timing its denoiser
+forward + backward alone (conditioning computed beforehand, requiring grad for Textual
+Inversion as in training; latents cached) and, interleaved with it, the whole step without
+Lightning (``diffusion_loss``, backward, AdamW step). Diffusers' step over the denoiser
+alone, per repeat, is the most that any change around the UNet call (data, text encoder,
+loss, optimizer, Lightning's loop, logging) could give: a steps/s ratio above it needs a
+cheaper UNet call.
 """
 
 from __future__ import annotations
@@ -133,6 +142,61 @@ def figures(marks: list[tuple[float, float]], warmup: int) -> dict:
             "first_wall": marks[0][0], "first_cpu": marks[0][1], "steps": len(marks)}
 
 
+def denoiser_time(method: str, model_path: str, concept_dir: str, superclass: str, resolution: int,
+                  batch_size: int, warmup: int, steps: int) -> dict:
+    """Median CPU seconds of the project's denoiser forward + backward alone and of its
+    whole step without Lightning, interleaved (``--ceiling``; run in a fresh process)."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import lightning_modules
+    from components.personalized import fill
+    from datamodules.concept import ConceptDataModule
+
+    cls, init = PROJECT[method]
+    placeholder = "<concept>" if method == "textual_inversion" else "sks"
+    model = getattr(lightning_modules, cls.rpartition(".")[2])(
+        pretrained_model=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        placeholder=placeholder, superclass=superclass, **init)
+    model.configure_model()
+    model.train()
+    model.on_train_start()
+    dm = ConceptDataModule(concept_dir=concept_dir, superclass=superclass, placeholder=placeholder,
+                           instance_template="a {}", resolution=resolution, batch_size=batch_size,
+                           repeats=batch_size, random_flip=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    optimizer = model.configure_optimizers()["optimizer"]
+    g = torch.Generator().manual_seed(0)
+    latents = model.encode_latents(batch["pixel_values"], batch["cache_keys"], g)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = model.sample_timesteps(len(latents), g, latents.device)
+    noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+    prompts = [fill(t, model.concept_phrase) for t in batch["templates"]]
+    with torch.no_grad():
+        cond = model.encode_training_prompts(prompts, timesteps)
+
+    def denoiser():
+        c = cond.detach().requires_grad_(model.text_trainable)  # TI: the UNet's backward reaches the conditioning
+        t0 = time.process_time()
+        (model.components.predict(noisy, timesteps, c) - noise).pow(2).mean().backward()
+        dt = time.process_time() - t0
+        optimizer.zero_grad()
+        return dt
+
+    def step():
+        t0 = time.process_time()
+        model.diffusion_loss(batch, g)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return time.process_time() - t0
+
+    times = [(denoiser(), step()) for _ in range(warmup + steps)][warmup:]
+    return {"denoiser": statistics.median(t[0] for t in times), "step": statistics.median(t[1] for t in times)}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +213,20 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", type=Path, default=None, help="also write the table (Markdown) here")
+    # one --ceiling run, in its own process: METHOD CONCEPT_DIR SUPERCLASS OUT RESOLUTION BATCH
+    p.add_argument("--_denoiser", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time the project's denoiser forward + backward alone: diffusers' step over it is the "
+                        "highest steps/s ratio without a cheaper UNet call")
     a = p.parse_args(argv)
+    if a._denoiser:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        method, concept_dir, superclass, out, resolution, batch_size = a._denoiser
+        res = denoiser_time(method, a.model, concept_dir, superclass, int(resolution), int(batch_size), a.warmup, a.steps)
+        Path(out).write_text(json.dumps(res))
+        return
     for m in a.methods:
         if not (a.diffusers / SCRIPTS[m]).exists():
             p.error(f"{a.diffusers / SCRIPTS[m]} does not exist: --diffusers must be a diffusers checkout")
@@ -157,7 +234,7 @@ def main(argv=None) -> None:
         p.error(f"--model {a.model}: not a diffusers pipeline folder (model_index.json missing)")
 
     steps = a.warmup + a.steps + 1
-    results: dict[str, dict[str, list[dict]]] = {m: {"diffusers": [], "project": []} for m in a.methods}
+    results: dict[str, dict[str, list[dict]]] = {m: {"diffusers": [], "project": [], "ceiling": []} for m in a.methods}
     with tempfile.TemporaryDirectory(prefix="bench_vs_diffusers_") as tmp:
         tmp = Path(tmp)
         concept_dir, images, superclass = write_images(a.concept, tmp, a.batch_size)
@@ -188,6 +265,19 @@ def main(argv=None) -> None:
                           f"{f['steps_s_wall']:6.2f} (wall), first step after {f['first_wall']:.1f} s wall / "
                           f"{f['first_cpu']:.1f} s CPU", flush=True)
                     shutil.rmtree(out, ignore_errors=True)
+                if a.ceiling:
+                    res = tmp / f"{m}-denoiser-{r}.json"
+                    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--diffusers", str(a.diffusers),
+                                           "--model", a.model, "--threads", str(a.threads), "--warmup", str(a.warmup),
+                                           "--steps", str(a.steps), "--_denoiser", m, str(concept_dir), superclass,
+                                           str(res), str(a.resolution), str(a.batch_size)],
+                                          env=dict(base_env, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        sys.exit(f"--ceiling run of {m} failed:\n{proc.stderr[-3000:]}")
+                    results[m]["ceiling"].append(json.loads(res.read_text()))
+                    c = results[m]["ceiling"][-1]
+                    print(f"repeat {r} {m:18s} denoiser fwd+bwd alone {1000 * c['denoiser']:.1f} ms, whole step "
+                          f"without Lightning {1000 * c['step']:.1f} ms (CPU)", flush=True)
 
     import torch
 
@@ -208,6 +298,21 @@ def main(argv=None) -> None:
         lines.append(f"| {m} | {med(d, 'steps_s_cpu'):.2f} | {med(q, 'steps_s_cpu'):.2f} | {ratio('steps_s_cpu')} | "
                      f"{ratio('steps_s_wall')} | {med(d, 'first_wall'):.1f} s | {med(q, 'first_wall'):.1f} s | "
                      f"{ratio('first_wall')} | {ratio('first_cpu')} |")
+    if a.ceiling:
+        lines += ["", "Ceiling (`--ceiling`): the project's denoiser forward + backward alone, and its whole step without "
+                  "Lightning, per repeat in a fresh process; medians over the repeats, ratios min / median.", "",
+                  "| method | diffusers step | project step | project step without Lightning | denoiser fwd + bwd alone | "
+                  "denoiser share of the step without Lightning | ceiling: diffusers step / denoiser alone |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for m in a.methods:
+            d, q, c = results[m]["diffusers"], results[m]["project"], results[m]["ceiling"]
+            med = lambda xs: statistics.median(xs)  # noqa: E731
+            ceil = [(1 / x["steps_s_cpu"]) / y["denoiser"] for x, y in zip(d, c)]
+            share = [y["denoiser"] / y["step"] for y in c]  # same process, interleaved: steadier than across runs
+            lines.append(f"| {m} | {1000 * med([1 / x['steps_s_cpu'] for x in d]):.1f} ms | "
+                         f"{1000 * med([1 / x['steps_s_cpu'] for x in q]):.1f} ms | {1000 * med([y['step'] for y in c]):.1f} ms | "
+                         f"{1000 * med([y['denoiser'] for y in c]):.1f} ms | {med(share):.0%} | "
+                         f"{min(ceil):.2f}× / {med(ceil):.2f}× |")
     table = "\n".join(lines)
     print("\n" + table)
     if a.output:

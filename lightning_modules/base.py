@@ -57,6 +57,14 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def _on_cpu():
+    """Factory functions default to the CPU inside: a ``torch.device("cpu")`` context where
+    another device is the default (a Trainer's init context on an accelerator), none where
+    the CPU already is (that context is a TorchFunctionMode every torch call of the model's
+    construction passes through: 0.04 CPU s of start-up on the MiniWorld model with LoRA)."""
+    return contextlib.nullcontext() if torch.get_default_device().type == "cpu" else torch.device("cpu")
+
+
 def _seed_of(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
@@ -139,7 +147,7 @@ class PersonalizationModule(L.LightningModule):
         # Built as outside a Trainer (CPU, fp32): the Trainer's init context would put a
         # random-weight preset on the accelerator's RNG and trainable parameters in the
         # precision's dtype; the strategy moves the module afterwards, as before.
-        with torch.device("cpu"), _default_dtype(torch.float32):
+        with _on_cpu(), _default_dtype(torch.float32):
             c = load_components(self.hparams.pretrained_model)
             self.check_backbone(c.backbone)
             self.backbone = c.backbone

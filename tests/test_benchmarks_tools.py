@@ -32,3 +32,22 @@ def test_steptimer_stamps_every_optimizer_step_of_a_script(tmp_path):
     walls = [w for w, _ in stamps]
     assert walls == sorted(walls) and walls[0] > 0
     assert all(c >= 0 for _, c in stamps)
+
+
+def test_ceiling_times_the_denoiser_alone_and_the_whole_step():
+    """bench_vs_diffusers.py --ceiling's measurement on the tiny preset and the demo concept:
+    the denoiser forward + backward alone and the whole step without Lightning, both in CPU
+    seconds, for a method training UNet adapters and one training a token (whose
+    conditioning requires grad)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_vs_diffusers", ROOT / "benchmarks" / "bench_vs_diffusers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for method in ("lora", "textual_inversion"):
+        res = bench.denoiser_time(method, "tiny", "demo", "ball", resolution=32, batch_size=2, warmup=1, steps=2)
+        assert set(res) == {"denoiser", "step"}
+        assert all(isinstance(v, float) and v > 0 for v in res.values()), res
+    assert torch.get_num_threads() == 1  # the measurement leaves the thread count alone

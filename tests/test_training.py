@@ -232,3 +232,23 @@ def test_default_optimizer_is_fused_adamw_with_the_plain_update(demo_dm):
         plain.step()
     for p, q in zip(params, reference):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_components_built_on_the_cpu_under_another_default_device():
+    """configure_model builds on the CPU in fp32 whatever the ambient default device (a
+    Trainer's init context on an accelerator; "meta" stands in for it here) and, with none
+    set, adds no device context of its own: the weights are the same either way."""
+    from lightning_modules import LoRA
+
+    plain = make(LoRA, rank=2)
+    assert torch.get_default_device().type == "cpu"
+    with torch.device("meta"):
+        module = LoRA(pretrained_model="tiny", placeholder="sks", superclass="ball", learning_rate=1e-2, rank=2)
+        module.configure_model()
+        assert torch.get_default_device().type == "meta"  # restored after configure_model
+    params = dict(module.named_parameters())
+    assert {p.device.type for p in params.values()} == {"cpu"}
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    for name, p in plain.named_parameters():
+        if not p.requires_grad:  # the loaded base weights (adapters start from the seeded init)
+            assert torch.equal(p, params[name]), name
