@@ -1,7 +1,8 @@
 """User mistakes: one short message that names the problem and the fix, no traceback.
 
 Code that checks what the user gave raises :class:`UserError` (or :class:`MissingFileError`
-for a path that does not exist); the commands (``train.py``, ``sample.py``, ``evaluate.py``)
+for a path that does not exist); the commands (``train.py``, ``sample.py``, ``evaluate.py``, ``edit.py``,
+``python -m miniworld[.study|.quality|.hifi_generation]``)
 run their ``main`` through :func:`run_command`, which prints such an error as one short
 message and exits with status 2. Every other exception is a bug and keeps its traceback.
 ``--debug`` on any command line, or ``PERSONALIZE_DEBUG=1``, shows the traceback of user

@@ -21,12 +21,11 @@ import hashlib
 import math
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from components.errors import UserError
 from components.loader import cache_dir
@@ -128,21 +127,6 @@ class EvalConfig:
                                 fix=f"--{key.replace('_', '-')} 1 (or more)")
         if self.num_prompts < 0:
             raise UserError(f"num_prompts is {self.num_prompts}", fix="--num-prompts 0 (all prompts) or more")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path | None = None, **overrides) -> "EvalConfig":
-        """Keys of a YAML file, then ``overrides`` (None values ignored)."""
-        data = {}
-        if path is not None:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: an evaluation config is a mapping of EvalConfig keys.")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown evaluation setting(s) {unknown}; known: {sorted(known)}.")
-        return cls(**data)
 
     def identity(self) -> dict:
         """What makes two runs' rows comparable; a rerun into the same output must match."""
