@@ -46,7 +46,7 @@ def _grid(rows: list[torch.Tensor], scale: int = 3):
 
 def reference(args) -> dict:
     from miniworld.sources import miniworld_concept_dir
-    from lightning_modules import load_personalized
+    from lightning_modules.loading import check_model, load_model
     from metrics import ConceptMetrics
     from miniworld import PROMPTS
     from miniworld.judge import load_judge
@@ -54,7 +54,8 @@ def reference(args) -> dict:
     from samplers import build_sampler
 
     folder, superclass = miniworld_concept_dir(args.concept)
-    model = load_personalized(None, args.artifact)
+    check_model(None, [args.artifact], num_steps=args.num_steps)  # a broken artifact fails before anything loads
+    model = load_model(None, args.artifact, device="cpu")  # as sample.py/evaluate.py/edit.py load, on the CPU
     templates = list(PROMPTS)[: args.num_prompts] if args.num_prompts else list(PROMPTS)
     metrics = ConceptMetrics(str(PRETRAINED / "clip"), str(PRETRAINED / "dino"), judge=str(PRETRAINED / "judge"))
     plain = build_sampler("concept", num_steps=args.num_steps, guidance=args.guidance)
@@ -111,7 +112,7 @@ def replace(args) -> dict:
     from miniworld.sources import miniworld_concept_dir
     from editing.inversion import psnr
     from editing.replace import replace_subject
-    from lightning_modules import load_personalized
+    from lightning_modules.loading import check_model, load_model
     from miniworld.concepts import read_concept_truth
     from miniworld.judge import load_judge
     from miniworld.metrics import judge_predictions
@@ -119,7 +120,8 @@ def replace(args) -> dict:
 
     folder, superclass = miniworld_concept_dir(args.concept)
     truth = read_concept_truth(folder)
-    model = load_personalized(None, args.artifact)
+    check_model(None, [args.artifact], num_steps=args.num_steps)  # a broken artifact fails before anything loads
+    model = load_model(None, args.artifact, device="cpu")  # as sample.py/evaluate.py/edit.py load, on the CPU
     judge = load_judge(PRETRAINED / "judge")
     samples = world_images(superclass, args.num_images)
     rows, inputs, edits = [], [], []

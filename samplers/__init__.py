@@ -22,6 +22,21 @@ from samplers.registry import (
 from samplers.seeding import initial_latents
 
 
+def _import_all_modules() -> None:
+    """Import every module of this package, in name order, so each ``@register`` runs: a new
+    sampler is one new file in ``samplers/`` (no import to add here). The explicit imports
+    above name the built-in classes for ``from samplers import ...``; they import modules
+    in the same name order, so ``SAMPLERS`` lists the samplers in the same order either way."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all_modules()
+
 
 def model_only_samplers() -> list[str]:
     """Names of the samplers that need nothing but a model (every one but those that also

@@ -308,3 +308,32 @@ def test_sampler_validation_runs_reference_guided_on_the_training_concept(tmp_pa
     trainer.fit(model, dm)
     assert {"val/reference_guided/clip_i", "val/reference_guided/dino"} <= set(cb.last_values)
     assert cb.entries[0].sampler.reference_folder() == __import__("pathlib").Path(dm.concept_dir)
+
+
+def test_hifi_generation_loads_through_load_model(tmp_path, artifacts, monkeypatch):
+    """Both commands check the artifact before loading and load it as the other commands do
+    (lightning_modules.loading.load_model, on the CPU), not through load_personalized."""
+    import lightning_modules
+    import lightning_modules.loading as loading
+    from miniworld import hifi_generation
+
+    class Loaded(Exception):
+        pass
+
+    calls = []
+
+    def fake_load_model(model, artifact=None, **kw):
+        calls.append((model, artifact, kw))
+        raise Loaded
+
+    monkeypatch.setattr(loading, "load_model", fake_load_model)
+    monkeypatch.setattr(lightning_modules, "load_personalized", lambda *a, **k: pytest.fail("load_personalized called"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in (hifi_generation.Reference, hifi_generation.Replace):
+        run = hifi_generation.reference if command is hifi_generation.Reference else hifi_generation.replace
+        with pytest.raises(Loaded):
+            run(command(artifact=str(artifacts["dreambooth"]), concept="blue_striped_star", out=str(tmp_path)))
+        with pytest.raises(UserError, match="personalize.json is missing"):
+            run(command(artifact=str(empty), concept="blue_striped_star", out=str(tmp_path)))
+    assert calls == [(None, str(artifacts["dreambooth"]), {"device": "cpu"})] * 2
