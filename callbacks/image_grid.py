@@ -16,8 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from components.personalized import concept_prompt
 from components.pixels import make_grid, to_uint8  # noqa: F401 - re-exported (callbacks.image_grid.make_grid)
+
+#: the key the grid is logged under (W&B's ``val/images``)
+GRID_KEY = "val/images"
 
 
 def log_grid(trainer: L.Trainer, key: str, grid: np.ndarray, caption: str, step: int,
@@ -64,10 +69,18 @@ class ImageGridLogger(L.Callback):
             YAML path, or a mapping ``{sampler: mixed, guidance_concept: 3.5, ...}``;
             settings given there win over ``num_steps`` / ``guidance_scale``.
         batch_size: images per UNet batch.
+        defer: when the trainer also has a :class:`~callbacks.sampling.SamplerValidation`
+            that draws a sampler of the same name at least at every validation epoch of
+            this logger (``configs/base.yaml`` with ``--trainer.callbacks+=callbacks.SamplerValidation``),
+            render nothing: ``val/images`` is that sampler's grid, logged under this key too
+            through its ``grid_aliases`` (as in the quickstart), so the grid is rendered once
+            per validation, at SamplerValidation's prompts, seeds and settings. false: always
+            render this grid.
     """
 
     def __init__(self, num_prompts: int = 4, num_images: int = 2, num_steps: int = 25, guidance_scale: float = 7.5,
-                 seed: int = 0, every_n_epochs: int = 1, sampler: str | dict = "concept", batch_size: int = 8):
+                 seed: int = 0, every_n_epochs: int = 1, sampler: str | dict = "concept", batch_size: int = 8,
+                 defer: bool = True):
         from samplers import build_sampler
         from samplers.registry import parse_sampler_spec, setting_names
 
@@ -79,11 +92,38 @@ class ImageGridLogger(L.Callback):
         if "guidance" in setting_names(name):
             defaults["guidance"] = guidance_scale
         self.sampler = build_sampler(name, **{**defaults, **settings})  # bad settings fail now, before training
+        self.defer = defer
+        self.deferred_to: str | None = None  # the SamplerValidation entry that draws val/images instead
         self._count = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Hand ``val/images`` to a SamplerValidation of this trainer that draws the same
+        sampler at least as often (see ``defer``)."""
+        from callbacks.sampling import SamplerValidation
+
+        self.deferred_to = None
+        if not self.defer:
+            return
+        for callback in trainer.callbacks:
+            if not (isinstance(callback, SamplerValidation) and callback.every_n_epochs
+                    and self.every_n_epochs % callback.every_n_epochs == 0):
+                continue
+            already = [name for name, key in callback.grid_aliases.items() if key == GRID_KEY]
+            if already:  # the user aliased one of its grids to val/images already
+                self.deferred_to = already[0]
+                return
+            for entry in callback.entries:
+                if entry.sampler.name == self.sampler.name and \
+                        callback.grid_aliases.get(entry.name, GRID_KEY) == GRID_KEY:
+                    callback.grid_aliases[entry.name] = GRID_KEY
+                    self.deferred_to = entry.name
+                    rank_zero_info(f"ImageGridLogger: {GRID_KEY} is SamplerValidation's {entry.name!r} grid "
+                                   "(rendered once per validation; ImageGridLogger(defer=false) draws its own)")
+                    return
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self.deferred_to is not None:
             return
         self._count += 1
         log_dir = trainer.log_dir  # a collective under DDP: read on every rank
@@ -95,7 +135,7 @@ class ImageGridLogger(L.Callback):
         images = self.sample(pl_module, templates)
         prompts = [concept_prompt(pl_module, t) for t in templates]
         grid = make_grid(to_uint8(images), rows=len(templates))
-        log_grid(trainer, "val/images", grid, " | ".join(prompts), trainer.global_step, log_dir=log_dir)
+        log_grid(trainer, GRID_KEY, grid, " | ".join(prompts), trainer.global_step, log_dir=log_dir)
 
     def sample(self, model, templates: list[str]) -> torch.Tensor:
         """(len(templates)·num_images, 3, H, W) in [0, 1], template-major: the sampler's images

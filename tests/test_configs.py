@@ -259,3 +259,19 @@ def test_a_folder_that_is_not_an_artifact_is_never_replaced(tmp_path, monkeypatc
     assert train("textual_inversion", root, "--overwrite_artifact", "true") == 2
     assert "holds no artifact" in error_message(capsys.readouterr().err)
     assert (root / "artifact" / "notes.txt").read_text() == "mine"
+
+
+def test_appending_sampler_validation_renders_the_grid_once(workdir, monkeypatch):
+    """README/base.yaml: --trainer.callbacks+=callbacks.SamplerValidation appends to base.yaml's
+    list; ImageGridLogger then hands val/images to SamplerValidation's concept grid (one
+    render per validation), as configs/quickstart.yaml does with grid_aliases."""
+    monkeypatch.chdir(workdir)
+    cli = instantiate([*layered(ROOT / "configs" / "methods" / "dreambooth.yaml", ROOT / "configs" / "data" / "folder.yaml"),
+                       *CPU, "--trainer.callbacks+=callbacks.SamplerValidation",
+                       "--trainer.callbacks.clip=tiny", "--trainer.callbacks.dino=tiny"])
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert names.count("ImageGridLogger") == 1 and names.count("SamplerValidation") == 1, names
+    grid = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ImageGridLogger")
+    validation = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SamplerValidation")
+    grid.setup(cli.trainer, cli.model, "fit")  # as trainer.fit does
+    assert grid.deferred_to == "concept" and validation.grid_aliases == {"concept": "val/images"}

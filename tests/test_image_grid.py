@@ -90,3 +90,57 @@ def test_a_hifi_step_wise_grid_uses_the_step_wise_embeddings():
     assert torch.equal(images, stepwise.images)
     assert (images - fixed.images).abs().max() > 1e-3
     assert "sks" in concept_prompt(module, "a photo of {}")
+
+
+def _fit_with(tmp_path, callbacks):
+    """One epoch of DreamBooth on the demo concept (2 steps, one validation), TensorBoard
+    logging; returns the image keys the logger received, in order."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from datamodules.concept import ConceptDataModule
+
+    L.seed_everything(0)
+    dm = ConceptDataModule(concept_dir="demo", resolution=32, batch_size=2, repeats=1, validation_prompts="object")
+    model = DreamBooth(pretrained_model="tiny", superclass=dm.superclass, learning_rate=1e-4)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    keys = []
+    add_image = logger.experiment.add_image
+    logger.experiment.add_image = lambda key, *a, **k: (keys.append(key), add_image(key, *a, **k))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=logger, callbacks=callbacks, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=1, default_root_dir=str(tmp_path))
+    trainer.fit(model, dm)
+    return keys
+
+
+def test_with_sampler_validation_the_grid_is_rendered_once(tmp_path, monkeypatch):
+    """configs/base.yaml + --trainer.callbacks+=callbacks.SamplerValidation: ImageGridLogger
+    hands val/images to SamplerValidation's concept grid (its grid_aliases, as the
+    quickstart does) and renders nothing; alone, or with defer=false, it renders its own."""
+    from callbacks.sampling import SamplerValidation
+
+    def validation():
+        return SamplerValidation(samplers=[{"sampler": "concept", "num_steps": 2}], clip="tiny", dino="tiny",
+                                 num_prompts=2, num_images=2, every_n_epochs=1)
+
+    rendered = []
+    real_sample = ImageGridLogger.sample
+    monkeypatch.setattr(ImageGridLogger, "sample", lambda self, *a: rendered.append(1) or real_sample(self, *a))
+    grid, sv = ImageGridLogger(num_prompts=2, num_images=2, num_steps=2), validation()
+    keys = _fit_with(tmp_path / "both", [grid, sv])
+    assert grid.deferred_to == "concept" and sv.grid_aliases == {"concept": "val/images"}
+    assert rendered == [] and keys == ["val/concept/grid", "val/images"]  # one render, logged under both keys
+    pngs = [p.name for p in (tmp_path / "both" / "tb" / "version_0" / "images").iterdir()]
+    assert len(pngs) == 1 and pngs[0].startswith("val_concept_grid_step")  # no val_images_step*.png
+
+    keys = _fit_with(tmp_path / "alone", [ImageGridLogger(num_prompts=2, num_images=2, num_steps=2)])
+    assert rendered == [1] and keys == ["val/images"]
+    grid, sv = ImageGridLogger(num_prompts=2, num_images=2, num_steps=2, defer=False), validation()
+    keys = _fit_with(tmp_path / "own", [grid, sv])
+    assert grid.deferred_to is None and sv.grid_aliases == {} and rendered == [1, 1]
+    assert sorted(keys) == ["val/concept/grid", "val/images"]
+    # another sampler than the grid's is no stand-in
+    grid = ImageGridLogger(num_prompts=2, num_images=2, num_steps=2, sampler="mixed")
+    grid.setup(SimpleNamespace(callbacks=[grid, validation()]), None, "fit")
+    assert grid.deferred_to is None
