@@ -85,10 +85,9 @@ def read_image(path: str):
             rgb = to_rgb(im)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(f"--image {path} is not a readable image ({err})", fix="pass a png, jpg or webp image") from err
-    import numpy as np
-    import torch
+    from components.pixels import pil_to_tensor
 
-    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    return pil_to_tensor(rgb)
 
 
 def check_artifact(folder: str) -> dict:

@@ -191,10 +191,9 @@ def load_model(options: SampleOptions):
 
 
 def save_png(image, path: Path) -> None:
-    from PIL import Image
+    from components.pixels import tensor_to_pil
 
-    array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()  # (H, W, 3) uint8
-    Image.fromarray(array).save(path)
+    tensor_to_pil(image).save(path)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -41,7 +41,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.image_grid import log_grid
-from components.pixels import make_grid, to_uint8
+from components.pixels import make_grid, pil_to_tensor, to_uint8
 from components.compile import compiled_unet
 from metrics import DEFAULT_CLIP, DEFAULT_DINO, ConceptMetrics, ReferenceCache, load_clip_backbone, load_dino_backbone
 
@@ -215,8 +215,7 @@ class SamplerValidation(L.Callback):
         if not images:
             raise ValueError("SamplerValidation needs the concept's real images: set reference_images to their folder, "
                              "or use a DataModule with concept_images.")
-        # ConceptImage (PIL) -> (3, H, W) float in [0, 1]
-        self._reference_tensors = [torch.from_numpy(np.asarray(c.image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255 for c in images]
+        self._reference_tensors = [pil_to_tensor(c.image) for c in images]  # (3, H, W) in [0, 1]
         return self._reference_tensors
 
     def _build_metrics(self, device) -> dict[str, ConceptMetrics]:

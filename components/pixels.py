@@ -1,6 +1,10 @@
 """Image and tensor conversions shared by training callbacks, sampling and evaluation:
-PIL images of any mode as 8-bit RGB (what every image reader here hands on), float image
-batches as uint8 arrays, and image grids.
+PIL images of any mode as 8-bit RGB (what every image reader here hands on), uint8 pixels
+and PIL images as float tensors and back (:func:`from_uint8` / :func:`pil_to_tensor`,
+:func:`to_uint8` / :func:`tensor_to_pil`, each with an explicit ``value_range``, [0, 1] or
+[-1, 1]), the two ranges into each other, image grids, and VAE encode/decode. Every
+hand-written conversion of the project goes through these (the same float operations as
+the copies they replaced, so the same bits).
 
 ``Image.convert("RGB")`` clips instead of scaling: a 16-bit grey PNG (``I;16``) becomes
 white, a float image (``F``) in [0, 1] black, and transparent pixels keep whatever colour
@@ -56,15 +60,64 @@ def make_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+#: the two float ranges images take here: [0, 1] (samplers, metrics, what callers see) and
+#: [-1, 1] (what the VAE and the denoiser's training batches read)
+UNIT, SIGNED = (0, 1), (-1, 1)
+
+
+def _check_range(value_range) -> tuple[int, int]:
+    value_range = tuple(value_range)
+    if value_range not in (UNIT, SIGNED):
+        raise ValueError(f"value_range {value_range} is not (0, 1) or (-1, 1)")
+    return value_range
+
+
+def unit_to_signed(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1] (``x * 2 - 1``)."""
+    return images * 2 - 1
+
+
+def signed_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] (``x / 2 + 0.5``), not clamped."""
+    return images / 2 + 0.5
+
+
+def from_uint8(pixels, value_range=UNIT) -> torch.Tensor:
+    """uint8 pixels, channels last — a PIL RGB image, a (H, W, 3) or (N, H, W, 3) array or
+    tensor — as float32 channels first, (3, H, W) or (N, 3, H, W), in ``value_range``:
+    (0, 1) is ``x / 255``, (-1, 1) is ``x / 127.5 - 1``."""
+    value_range = _check_range(value_range)
+    if not isinstance(pixels, torch.Tensor):
+        array = np.asarray(pixels, dtype=np.uint8)
+        pixels = torch.from_numpy(array if array.flags.writeable else array.copy())
+    x = pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
+    return x.float() / 255 if value_range == UNIT else x.float() / 127.5 - 1.0
+
+
+def pil_to_tensor(image: Image.Image, value_range=UNIT) -> torch.Tensor:
+    """A PIL image (RGB; see :func:`to_rgb` for other modes) -> (3, H, W) float32 in ``value_range``."""
+    return from_uint8(image, value_range)
+
+
+def to_uint8(images: torch.Tensor, value_range=UNIT) -> np.ndarray:
+    """(N, 3, H, W) float in ``value_range`` (clamped to it) -> (N, H, W, 3) uint8, rounded
+    to the nearest value."""
+    if _check_range(value_range) == UNIT:
+        x = images.clamp(0, 1) * 255
+    else:
+        x = (images.clamp(-1, 1) + 1) * 127.5
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tensor_to_pil(image: torch.Tensor, value_range=UNIT) -> Image.Image:
+    """(3, H, W) float in ``value_range`` -> an RGB PIL image (as :func:`to_uint8`)."""
+    return Image.fromarray(to_uint8(image[None], value_range)[0])
 
 
 def encode(vae, images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> latents (the VAE posterior mean, shifted and
     scaled as the denoiser sees them): the inverse of :func:`decode`."""
-    z = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+    z = vae.encode(unit_to_signed(images.to(vae.device, vae.dtype))).latent_dist.mean
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         z = z - shift
@@ -78,4 +131,4 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
     if shift is not None:
         z = z + shift
     x = vae.decode(z).sample
-    return (x / 2 + 0.5).clamp(0, 1)
+    return signed_to_unit(x).clamp(0, 1)

@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from components.errors import UserError
-from components.pixels import IMAGE_SUFFIXES, MASK_SUFFIX, to_rgb  # noqa: F401 - re-exported
+from components.pixels import IMAGE_SUFFIXES, MASK_SUFFIX, SIGNED, pil_to_tensor, to_rgb  # noqa: F401 - re-exported
 from datamodules.sources import resolve_source
 from datamodules.prompts import dreambooth_prompts, prompt_set_for_class, read_dreambooth_classes, read_prompt_file
 
@@ -125,9 +125,8 @@ def _resize_crop(img: Image.Image, size: int, top: float, left: float, resample)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return arr / 127.5 - 1.0
+    """PIL RGB -> (3, H, W) float in [-1, 1] (what the denoiser trains on)."""
+    return pil_to_tensor(img, value_range=SIGNED)
 
 
 class ConceptDataset(Dataset):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from components.errors import UserError
 from components.personalized import word_token_positions
 from components.attention import AttentionControl, _layer_size, attention_control
+from components.pixels import tensor_to_pil, to_uint8
 
 
 class Segmenter(Protocol):
@@ -132,7 +133,7 @@ class KnownMasks:
 
     @staticmethod
     def key(image: torch.Tensor) -> str:
-        return hashlib.sha1((image.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+        return hashlib.sha1(to_uint8(image.float()[None]).tobytes()).hexdigest()  # the 8-bit image's bytes
 
     def add(self, image: torch.Tensor, mask: torch.Tensor) -> None:
         self.table[self.key(image)] = mask.bool().reshape(1, *image.shape[-2:])
@@ -180,11 +181,9 @@ class GroundedSAMSegmenter:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, word: str, prompts=None) -> torch.Tensor:
-        from PIL import Image
-
         out = []
         for image in images:
-            pil = Image.fromarray((image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
+            pil = tensor_to_pil(image)
             inputs = self.det_processor(images=pil, text=f"{word}.", return_tensors="pt").to(self.device)
             det = self.detector(**inputs)
             boxes = self.det_processor.post_process_grounded_object_detection(

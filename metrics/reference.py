@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from components.pixels import IMAGE_SUFFIXES, MASK_SUFFIX, to_rgb
+from components.pixels import IMAGE_SUFFIXES, MASK_SUFFIX, pil_to_tensor, to_rgb
 from metrics.backbones import ImageBackbone
 
 
@@ -39,8 +38,7 @@ def load_images(folder: str | os.PathLike) -> list[torch.Tensor]:
     out = []
     for path in image_files(folder):
         with Image.open(path) as im:
-            arr = np.asarray(to_rgb(im), dtype=np.uint8)  # (H, W, 3)
-        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255)
+            out.append(pil_to_tensor(to_rgb(im)))
     return out
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from components.atomic import atomic_path
 from components.loader import cache_dir
+from components.pixels import SIGNED, from_uint8
 from miniworld.draw import FINISHES, PATTERNS
 from miniworld.world import COLOUR_NAMES, SCENE_NAMES, SHAPE_NAMES, ObjectSpec, World
 
@@ -60,7 +61,7 @@ def rendered(seed: int = 0, n: int = 40000, size: int = 32, cache: bool = True) 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return from_uint8(images, value_range=SIGNED)
 
 
 def spec_of(labels) -> tuple[ObjectSpec, str]:

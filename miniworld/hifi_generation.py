@@ -32,6 +32,8 @@ def _grid(rows: list[torch.Tensor], scale: int = 3):
     """Rows of (N, 3, H, W) images -> a PIL image, each pixel ``scale`` x ``scale``."""
     from PIL import Image
 
+    from components.pixels import tensor_to_pil
+
     pad = 2
     n = max(len(r) for r in rows)
     h, w = rows[0].shape[-2:]
@@ -39,8 +41,7 @@ def _grid(rows: list[torch.Tensor], scale: int = 3):
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
             canvas[:, pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = im
-    arr = (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-    img = Image.fromarray(arr)
+    img = tensor_to_pil(canvas)
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
@@ -117,6 +118,7 @@ def replace(args) -> dict:
     from miniworld.judge import load_judge
     from miniworld.metrics import judge_predictions
     from miniworld.world import COLOUR_NAMES, PATTERNS, SCENE_NAMES, SHAPE_NAMES
+    from components.pixels import from_uint8
 
     folder, superclass = miniworld_concept_dir(args.concept)
     truth = read_concept_truth(folder)
@@ -127,7 +129,7 @@ def replace(args) -> dict:
     rows, inputs, edits = [], [], []
     t0 = time.time()
     for k, s in enumerate(samples):
-        image = torch.from_numpy(s.image).permute(2, 0, 1).float() / 255
+        image = from_uint8(s.image)  # (3, H, W) in [0, 1]
         mask = torch.from_numpy(s.mask)[None, None]
         r = replace_subject(model, image, s.caption, superclass, num_steps=args.num_steps, guidance=args.guidance,
                             inner_steps=args.inner_steps, lr=args.lr)

@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from components.pixels import unit_to_signed
 from metrics.similarity import _SumCount
 from miniworld.concepts import read_concept_truth  # noqa: F401 - part of the judge plugin (metrics.concept)
 from miniworld.draw import FINISHES, PATTERNS
@@ -72,7 +73,7 @@ def to_judge_input(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "bilinear",
                           align_corners=None if x.shape[-1] > size else False)
-    return x.mul(2).sub(1).clamp(-1, 1)
+    return unit_to_signed(x).clamp(-1, 1)
 
 
 @torch.no_grad()

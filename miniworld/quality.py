@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from components.pixels import SIGNED, from_uint8, to_uint8, unit_to_signed
 from miniworld.data import rendered, to_tensor
 from miniworld.judge import accuracy, load_judge, vae_roundtrip
 from miniworld.scenes import SCENES
@@ -86,14 +87,14 @@ def generate(model_dir: str, prompts: list[str], steps: int = 50, guidance: floa
         gen = torch.Generator().manual_seed(seed + i)
         images = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
                       generator=gen, output_type="pt").images  # (b, 3, H, W) in [0, 1]
-        out.append(images * 2 - 1)
+        out.append(unit_to_signed(images))
     return torch.cat(out)
 
 
 def save_grid(images: torch.Tensor, path: str, per_row: int = 10, scale: int = 3) -> None:
     from PIL import Image
 
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    x = to_uint8(images, value_range=SIGNED)  # (N, H, W, 3)
     n = len(x) // per_row * per_row
     rows = [np.concatenate(list(x[i : i + per_row]), 1) for i in range(0, n, per_row)]
     sheet = np.concatenate(rows, 0)
@@ -127,7 +128,7 @@ def concept_separation(clip_dir: str, dino_dir: str, views: int = 10, seed: int 
     from miniworld.world import CONCEPTS, World
 
     def batch(images):  # uint8 (H, W, 3) arrays -> (N, 3, H, W) in [0, 1], as the metrics take
-        return torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images])
+        return torch.stack([from_uint8(im) for im in images])
 
     world, rng = World(seed), np.random.default_rng(seed)
     backbones = {"clip_i": load_clip_backbone(clip_dir), "dino": load_dino_backbone(dino_dir)}

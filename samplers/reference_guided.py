@@ -113,13 +113,15 @@ class ReferenceGuidedSampler(Sampler):
         key = ("refs", id(model))
         if key in self._cache:
             return self._cache[key]
-        from datamodules.concept import load_concept_folder, to_tensor
+        from components.pixels import SIGNED, pil_to_tensor, signed_to_unit
+        from datamodules.concept import load_concept_folder
 
         folder = self.reference_folder()
         items = load_concept_folder(folder)
         size = model.components.unet.config.sample_size * (2 ** (len(model.components.vae.config.block_out_channels) - 1))
-        images = torch.stack([_resize(to_tensor(c.image) / 2 + 0.5, size) for c in items])  # [0, 1]
-        masks = [None if c.mask is None else _resize(to_tensor(c.mask.convert("RGB"))[:1] / 2 + 0.5, size) > 0.5
+        # [0, 1] through [-1, 1], as they always were read (x / 255 differs in the last bit)
+        images = torch.stack([_resize(signed_to_unit(pil_to_tensor(c.image, SIGNED)), size) for c in items])
+        masks = [None if c.mask is None else _resize(signed_to_unit(pil_to_tensor(c.mask.convert("RGB"), SIGNED))[:1], size) > 0.5
                  for c in items]
         captions = reference_captions(folder, [c.path for c in items], model.superclass, self.caption, self.captioner, images)
         refs = {"images": images, "masks": masks, "captions": captions, "folder": folder}
@@ -307,9 +309,9 @@ def blip2_captions(name: str, images: torch.Tensor) -> list[str]:
         raise UserError(f"BLIP-2 weights {name!r} could not be loaded: {err}",
                         fix="download them (huggingface-cli download Salesforce/blip2-opt-2.7b) or pass a local "
                             "folder; or give captions (caption setting, captions.txt)") from err
-    from PIL import Image
+    from components.pixels import tensor_to_pil
 
-    pil = [Image.fromarray((im.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()) for im in images]
+    pil = [tensor_to_pil(im) for im in images]
     inputs = processor(images=pil, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=30)
     return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
