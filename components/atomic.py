@@ -47,6 +47,8 @@ def atomic_path(target: str | os.PathLike, replace: bool = True) -> Iterator[Pat
     except BaseException:
         _remove(tmp)
         raise
+    if not (tmp.exists() or tmp.is_symlink()):
+        raise FileNotFoundError(f"atomic_path: the block wrote nothing to {tmp}, so {target} was not written")
     if not tmp.is_dir():
         os.replace(tmp, target)
         return
@@ -60,4 +62,6 @@ def atomic_path(target: str | os.PathLike, replace: bool = True) -> Iterator[Pat
     try:
         tmp.rename(target)  # atomic: concurrent builders never see a half-written folder
     except OSError:
-        _remove(tmp)  # another process won the race
+        _remove(tmp)
+        if not target.is_dir():  # not another process winning the race: a real failure
+            raise

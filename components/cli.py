@@ -125,7 +125,11 @@ def parse_options(parser: ArgumentParser, options: type[T], argv: Sequence[str] 
     spellings rewritten by :func:`normalise_argv`."""
     argv = sys.argv[1:] if argv is None else argv
     namespace = parser.parse_args(normalise_argv(argv, parser, aliases, list_options(options), bare))
-    values = namespace.as_dict()
+    return _as_options(options, namespace.as_dict())
+
+
+def _as_options(options: type[T], values: dict) -> T:
+    """The dataclass from parsed values (jsonargparse's own keys, ``config`` and the like, left out)."""
     names = {f.name for f in dataclasses.fields(options)}
     return options(**{k: v for k, v in values.items() if k in names})
 
@@ -152,9 +156,7 @@ def parse_subcommand(parser: ArgumentParser, commands: dict[str, tuple[type, str
         sub = parser._subcommands_action._name_parser_map[command]
         argv[at + 1:] = normalise_argv(argv[at + 1:], sub, aliases, list_options(commands[command][0]))
     namespace = parser.parse_args(argv)
-    values = namespace[namespace.command].as_dict()
-    names = {f.name for f in dataclasses.fields(commands[namespace.command][0])}
-    return namespace.command, commands[namespace.command][0](**{k: v for k, v in values.items() if k in names})
+    return namespace.command, _as_options(commands[namespace.command][0], namespace[namespace.command].as_dict())
 
 
 def set_alias(option: str = "--settings", flag: str = "--set") -> Callable[[str], list[str]]:

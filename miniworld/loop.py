@@ -18,6 +18,9 @@ import torch
 def cosine_with_warmup(steps: int, warmup: int) -> Callable[[int], float]:
     """LR factor at step s: min(1, (s + 1) / warmup) · ½(1 + cos(π · min(s, steps) / steps));
     ``warmup=0``: the cosine alone."""
+    if steps < 1:
+        raise ValueError(f"a MiniWorld training run needs steps >= 1 (got {steps})")
+
     def factor(s: int) -> float:
         ramp = min(1, (s + 1) / warmup) if warmup else 1
         return ramp * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))

@@ -50,6 +50,30 @@ def test_folder_cache_first_builder_wins_and_artifact_replaces(tmp_path):
     assert os.listdir(folder) == ["b"] and sorted(os.listdir(tmp_path)) == ["cache"]
 
 
+def test_a_block_that_writes_nothing_or_a_failed_rename_is_an_error(tmp_path, monkeypatch):
+    """Writing nothing names the target (was os.replace's FileNotFoundError about a hidden
+    temporary); a folder rename that fails while no other builder's folder is there raises
+    (it was taken for a lost race and the target silently never written)."""
+    target = tmp_path / "run.json"
+    target.write_text("old")
+    with pytest.raises(FileNotFoundError, match="wrote nothing.*run.json"), atomic_path(target):
+        pass
+    assert target.read_text() == "old"
+    folder = tmp_path / "cache"
+
+    def fail(self, other):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(Path, "rename", fail)
+    with pytest.raises(OSError, match="disk gone"), atomic_path(folder, replace=False) as tmp:
+        tmp.mkdir()
+    assert sorted(os.listdir(tmp_path)) == ["run.json"]  # no temporary left behind
+    folder.mkdir()  # another process built it first: its rename fails, and that is no error
+    with atomic_path(folder, replace=False) as tmp:
+        tmp.mkdir()
+    assert sorted(os.listdir(tmp_path)) == ["cache", "run.json"]
+
+
 def test_no_hand_written_temp_then_rename_left():
     """Every 'write a .tmp, then rename/replace it' goes through atomic_path."""
     pattern = re.compile(r"\.tmp|\.rename\(|os\.replace\(|\btmp\.replace\(")

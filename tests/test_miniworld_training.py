@@ -145,3 +145,5 @@ def test_shared_schedule_is_the_old_lambdas():
     for s in (0, 1, 50, 99, 100, 700, 1499, 1500):
         assert warm(s) == min(1, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))  # vae, encoders
         assert judge(s) == 0.5 * (1 + math.cos(math.pi * s / steps))  # judge: no warm-up
+    with pytest.raises(ValueError, match="steps >= 1"):  # was a ZeroDivisionError from inside LambdaLR
+        cosine_with_warmup(0, 100)
