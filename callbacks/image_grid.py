@@ -94,6 +94,7 @@ class ImageGridLogger(L.Callback):
         self.sampler = build_sampler(name, **{**defaults, **settings})  # bad settings fail now, before training
         self.defer = defer
         self.deferred_to: str | None = None  # the SamplerValidation entry that draws val/images instead
+        self._added_alias = None  # (callback, entry name) that setup aliased, taken back in teardown
         self._count = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -115,11 +116,20 @@ class ImageGridLogger(L.Callback):
             for entry in callback.entries:
                 if entry.sampler.name == self.sampler.name and \
                         callback.grid_aliases.get(entry.name, GRID_KEY) == GRID_KEY:
-                    callback.grid_aliases[entry.name] = GRID_KEY
+                    if entry.name not in callback.grid_aliases:
+                        callback.grid_aliases[entry.name] = GRID_KEY
+                        self._added_alias = (callback, entry.name)
                     self.deferred_to = entry.name
                     rank_zero_info(f"ImageGridLogger: {GRID_KEY} is SamplerValidation's {entry.name!r} grid "
                                    "(rendered once per validation; ImageGridLogger(defer=false) draws its own)")
                     return
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """The alias setup added goes with the run (the SamplerValidation may be reused alone)."""
+        if self._added_alias is not None:
+            callback, name = self._added_alias
+            callback.grid_aliases.pop(name, None)
+            self._added_alias = None
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -275,3 +275,5 @@ def test_appending_sampler_validation_renders_the_grid_once(workdir, monkeypatch
     validation = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SamplerValidation")
     grid.setup(cli.trainer, cli.model, "fit")  # as trainer.fit does
     assert grid.deferred_to == "concept" and validation.grid_aliases == {"concept": "val/images"}
+    grid.teardown(cli.trainer, cli.model, "fit")
+    assert validation.grid_aliases == {}

@@ -128,8 +128,12 @@ def test_with_sampler_validation_the_grid_is_rendered_once(tmp_path, monkeypatch
     real_sample = ImageGridLogger.sample
     monkeypatch.setattr(ImageGridLogger, "sample", lambda self, *a: rendered.append(1) or real_sample(self, *a))
     grid, sv = ImageGridLogger(num_prompts=2, num_images=2, num_steps=2), validation()
+    seen = []
+    real_log_grid = sv._reduce_and_log
+    monkeypatch.setattr(sv, "_reduce_and_log", lambda *a: seen.append(dict(sv.grid_aliases)) or real_log_grid(*a))
     keys = _fit_with(tmp_path / "both", [grid, sv])
-    assert grid.deferred_to == "concept" and sv.grid_aliases == {"concept": "val/images"}
+    assert grid.deferred_to == "concept" and seen == [{"concept": "val/images"}]
+    assert sv.grid_aliases == {}  # taken back at teardown: the callback reused alone logs no val/images
     assert rendered == [] and keys == ["val/concept/grid", "val/images"]  # one render, logged under both keys
     pngs = [p.name for p in (tmp_path / "both" / "tb" / "version_0" / "images").iterdir()]
     assert len(pngs) == 1 and pngs[0].startswith("val_concept_grid_step")  # no val_images_step*.png
