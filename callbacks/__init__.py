@@ -1,7 +1,8 @@
-"""Training callbacks: image grids, artifact export, sampler validation with metrics."""
+"""Training callbacks: image grids, artifact export, sampler validation with metrics, weight EMA."""
 
+from callbacks.ema import EMA
 from callbacks.export import ExportArtifact
 from callbacks.image_grid import ImageGridLogger
 from callbacks.sampling import SamplerValidation
 
-__all__ = ["ExportArtifact", "ImageGridLogger", "SamplerValidation"]
+__all__ = ["EMA", "ExportArtifact", "ImageGridLogger", "SamplerValidation"]

@@ -86,6 +86,10 @@ class SamplerValidation(L.Callback):
             concept images.
         superclass: CLIP-T class word; None: the module's ``superclass``.
         run_on_validate: also run at the end of ``trainer.validate``.
+        at_train_end: also run once when training ends, after the callbacks listed
+            before this one (``callbacks.EMA`` puts the averaged weights in place then):
+            the score of the weights the artifact holds. Logged to the loggers at the last
+            step (Lightning's ``callback_metrics`` take no values at that point).
         judge: a MiniWorld judge folder (``miniworld/pretrained/judge``): also log the
             ground-truth ``identity`` and ``prompt`` accuracy (MiniWorld concepts only:
             the concept folder's ``concept.json`` gives the object).
@@ -116,6 +120,7 @@ class SamplerValidation(L.Callback):
         reference_images: str | None = None,
         superclass: str | None = None,
         run_on_validate: bool = True,
+        at_train_end: bool = False,
         judge: str | None = None,
         print_values: bool = False,
         compile: bool | str | dict = False,
@@ -142,7 +147,7 @@ class SamplerValidation(L.Callback):
         self.every_n_steps, self.every_n_epochs = every_n_steps or 0, every_n_epochs or 0
         self.clip, self.dino, self.clip_backend, self.clip_t_text = clip, dino, clip_backend, clip_t_text
         self.reference_images, self.superclass, self.run_on_validate = reference_images, superclass, run_on_validate
-        self.judge, self.print_values = judge, print_values
+        self.judge, self.print_values, self.at_train_end = judge, print_values, at_train_end
         if judge is not None and not (Path(judge) / "judge.safetensors").is_file():
             raise ValueError(f"SamplerValidation judge={judge!r} is not a MiniWorld judge folder (no judge.safetensors): "
                              "use miniworld/pretrained/judge, or leave judge unset.")
@@ -163,13 +168,17 @@ class SamplerValidation(L.Callback):
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and trainer.global_step != self._last_step:
             self.run(trainer, pl_module)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end:
+            self.run(trainer, pl_module, at_end=True)
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.run_on_validate and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
             self.run(trainer, pl_module)
 
     # ------------------------------------------------------------------ what
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool = False) -> dict[str, float]:
         """One validation round; returns the logged metric values (all ranks)."""
         self._last_step = trainer.global_step
         world = trainer.world_size
@@ -192,7 +201,7 @@ class SamplerValidation(L.Callback):
             for name in local["failed"]:
                 local["images"].pop(name, None)
             try:
-                return self._reduce_and_log(trainer, pl_module, local, world)
+                return self._reduce_and_log(trainer, pl_module, local, world, at_end)
             except Exception:  # noqa: BLE001
                 rank_zero_warn(f"SamplerValidation could not log at step {trainer.global_step}; training goes on.\n{traceback.format_exc()}")
                 return {}
@@ -281,7 +290,7 @@ class SamplerValidation(L.Callback):
             local["cost"][e.name] = out.cost
         return local
 
-    def _reduce_and_log(self, trainer, pl_module, local: dict, world: int) -> dict[str, float]:
+    def _reduce_and_log(self, trainer, pl_module, local: dict, world: int, at_end: bool = False) -> dict[str, float]:
         values: dict[str, float] = {}
         for e in self.entries:  # the same order on every rank: compute() all-reduces
             if e.name in local.get("failed", ()):
@@ -295,7 +304,8 @@ class SamplerValidation(L.Callback):
         # callback_metrics (for ModelCheckpoint/EarlyStopping monitors) through the module's log;
         # the loggers get the values below at this very step (self.log's on_step values would
         # reach them only every log_every_n_steps). Already all-reduced: no sync.
-        pl_module.log_dict(values, logger=False, sync_dist=False)
+        if not at_end:  # Lightning takes no self.log once training has ended
+            pl_module.log_dict(values, logger=False, sync_dist=False)
         self.last_values = values
         log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank reads it
         if not trainer.is_global_zero:

@@ -435,9 +435,13 @@ class PersonalizationModule(L.LightningModule):
             if not any(p.requires_grad for p in m.parameters()):
                 m.eval()
 
+    def checkpoint_keys(self) -> set[str]:
+        """The state-dict keys a checkpoint holds: what trains, plus :meth:`extra_state_keys`."""
+        return self.trainable_state_keys() | set(self.extra_state_keys())
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only what trains goes into the checkpoint: the frozen base reloads from its source.
-        keep = self.trainable_state_keys() | set(self.extra_state_keys())
+        keep = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def extra_state_keys(self) -> list[str]:

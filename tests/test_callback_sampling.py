@@ -270,3 +270,30 @@ def test_grid_aliases_name_a_sampler_of_the_callback():
     assert cb.grid_aliases == {"concept": "val/images"}
     with pytest.raises(ValueError, match="grid_aliases name no sampler"):
         SamplerValidation(samplers=["mixed"], clip="tiny", grid_aliases={"concept": "val/images"})
+
+
+def test_at_train_end_scores_the_averaged_weights(tmp_path):
+    """at_train_end runs once, after callbacks.EMA (listed before it) put the averaged
+    weights in place: it samples the weights the module (and so the artifact) ends with,
+    not the last step's; nothing runs during training."""
+    from callbacks import EMA
+
+    seen = []
+
+    class Spy(SamplerValidation):
+        def _sample_and_score(self, trainer, pl_module):
+            seen.append(pl_module.unet.conv_in.weight.detach().clone())
+            return super()._sample_and_score(trainer, pl_module)
+
+    last_step = {}
+
+    class LastStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            last_step["w"] = pl_module.unet.conv_in.weight.detach().clone()
+
+    cb = Spy(samplers=SAMPLERS[:1], at_train_end=True, **TINY)
+    rec, trainer = _fit(tmp_path, [LastStep(), EMA(decay=0.5), cb])
+    module = trainer.lightning_module
+    assert len(seen) == 1 and torch.equal(seen[0], module.unet.conv_in.weight)
+    assert not torch.equal(seen[0], last_step["w"])  # the average, not the last step's weights
+    assert set(cb.last_values) >= {"val/concept/clip_i", "val/concept/clip_t"}

@@ -29,9 +29,12 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
     cfg["data"]["init_args"]["repeats"] = 2
     classes = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
     assert "callbacks.ImageGridLogger" not in classes  # one render of the concept grid: SamplerValidation's
-    validation = cfg["trainer"]["callbacks"][classes.index("callbacks.SamplerValidation")]["init_args"]
+    validation, final = [c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"] == "callbacks.SamplerValidation"]
     assert validation["grid_aliases"] == {"concept": "val/images"}
     validation.update(every_n_epochs=2, num_prompts=2, num_images=1)
+    # the final score: judged at the last epoch, printed
+    assert final["at_train_end"] and not final["every_n_epochs"] and final["print_values"] and final["judge"]
+    final.update(num_prompts=3, num_images=1)
     (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(cfg))
     args = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(tmp_path / "quickstart.yaml")]
     # a W&B run started earlier in this pytest process leaves service variables in the
@@ -63,8 +66,18 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
         assert grid.shape[0] == 2 + 2 * 34 and grid.std() > 5  # 2 prompt rows of 32 px images, not blank
     assert not np.array_equal(aliased[0], aliased[1])  # the model trained between the two
     pngs = sorted(p.name for p in out.rglob("images/*.png"))  # the grids as PNG in images/
-    assert len(pngs) == 2 * 3 and all(p.startswith(("val_concept_grid", "val_superclass_grid", "val_mixed_grid"))
-                                      for p in pngs), pngs
+    assert len(pngs) == 2 * 3 + 2 and all(p.startswith(("val_concept_grid", "val_superclass_grid", "val_mixed_grid",
+                                                        "val_final_concept_grid", "val_final_superclass_grid"))
+                                          for p in pngs), pngs
+    # the final score: the judge's identity / prompt accuracy once, at the last step, printed and logged
+    for sampler in ("final_concept", "final_superclass"):
+        for metric in ("identity", "prompt"):
+            values = metric_values(run, f"val/{sampler}/{metric}")
+            # one value (the offline file holds it twice: the history row and the run summary)
+            assert len(set(values)) == 1 and 0 <= values[0] <= 1, (sampler, metric, values)
+        shown = [line for line in proc.stdout.splitlines() if f"] {sampler}: " in line]
+        identity = metric_values(run, f"val/{sampler}/identity")[0]
+        assert len(shown) == 1 and f"identity {100 * identity:.1f}%" in shown[0], shown
     assert (out / "checkpoints" / "last.ckpt").exists()
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(k.startswith("unet.") for k in ckpt["state_dict"])

@@ -252,3 +252,48 @@ def test_components_built_on_the_cpu_under_another_default_device():
     for name, p in plain.named_parameters():
         if not p.requires_grad:  # the loaded base weights (adapters start from the seeded init)
             assert torch.equal(p, params[name]), name
+
+
+def test_ema_averages_trained_weights_and_resumes_exactly(demo_dm, tmp_path):
+    """callbacks.EMA: after fit the module holds the exponential average of its trained
+    weights (computed here by hand from every step's weights); checkpoints keep only what
+    trains; 2 epochs straight == 1 epoch, checkpoint, resume (the average and the weights)."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from callbacks import EMA
+
+    decay = 0.5
+
+    class Record(Callback):  # the trained weights after every optimizer step
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.steps.append({k: p.detach().clone() for k, p in pl_module.named_parameters() if p.requires_grad})
+
+    def run(max_epochs, ckpt_path=None, root="a", record=None):
+        module = make(DreamBooth, {}, seed=3)
+        cb = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, save_top_k=-1, every_n_epochs=1)
+        extra = [record] if record is not None else []
+        trainer = quiet_trainer(max_epochs=max_epochs, enable_checkpointing=True,
+                                callbacks=[*extra, EMA(decay=decay), cb])
+        trainer.fit(module, copy.deepcopy(demo_dm), ckpt_path=ckpt_path)
+        return module, trainer
+
+    record = Record()
+    straight, _ = run(2, root="straight", record=record)
+    assert len(record.steps) == 2 * demo_dm.steps_per_epoch >= 2
+    expected = dict(record.steps[0])  # torch's EMA: the first update copies, then lerp by 1 - decay
+    for weights in record.steps[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * w for k, w in weights.items()}
+    for k, p in straight.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), expected[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(straight.unet.conv_in.weight, record.steps[-1]["unet.conv_in.weight"])  # not the last step's
+    run(1, root="first")
+    ckpt = torch.load(tmp_path / "first" / "last.ckpt", weights_only=False)
+    trained = {k for k, p in straight.named_parameters() if p.requires_grad}
+    assert set(ckpt["state_dict"]) == set(ckpt["current_model_state"]) == trained
+    resumed, _ = run(2, ckpt_path=str(tmp_path / "first" / "last.ckpt"), root="second")
+    for (k, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), k
