@@ -23,12 +23,14 @@ import dataclasses
 import json
 import os
 import sys
+import types
+import typing
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
-from components.errors import DEBUG_ENV, EXIT_USER_ERROR, UserError
+from components.errors import UserError, debug_requested, exit_user_error
 
 T = TypeVar("T")
 
@@ -114,9 +116,18 @@ def normalise_argv(argv: Sequence[str], parser: ArgumentParser, aliases: dict[st
     return out
 
 
+def _is_list(annotation) -> bool:
+    """``list[...]``, optionally in a union with None (``list[str] | None``, ``Optional[list[str]]``)."""
+    if typing.get_origin(annotation) is list:
+        return True
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1 and _is_list(args[0])
+
+
 def list_options(options: type) -> set[str]:
     """The flags of ``options``' list-typed fields."""
-    return {f"--{f.name}" for f in dataclasses.fields(options) if str(f.type).replace("typing.", "").startswith(("list[", "List["))}
+    hints = typing.get_type_hints(options)
+    return {f"--{f.name}" for f in dataclasses.fields(options) if _is_list(hints[f.name])}
 
 
 def parse_options(parser: ArgumentParser, options: type[T], argv: Sequence[str] | None,
@@ -182,7 +193,6 @@ def user_errors(prog: str, kinds: tuple[type[BaseException], ...] = (ValueError,
     try:
         yield
     except kinds as err:
-        if os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        if debug_requested([]):
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        exit_user_error(prog, err)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 DEBUG_FLAG, DEBUG_ENV = "--debug", "PERSONALIZE_DEBUG"
 EXIT_USER_ERROR = 2  # as argparse's usage errors
@@ -44,6 +44,12 @@ class MissingFileError(UserError, FileNotFoundError):
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def exit_user_error(prog: str, message: object) -> NoReturn:
+    """Print ``prog: error: message`` on stderr and exit with status 2 (no traceback)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def find_user_error(err: BaseException | None) -> UserError | None:
@@ -80,5 +86,4 @@ def run_command(main: Callable, argv: Sequence[str] | None = None, prog: str | N
         user_error = None if debug or isinstance(err, (SystemExit, KeyboardInterrupt)) else find_user_error(err)
         if user_error is None:
             raise
-        print(f"{prog}: error: {user_error}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_user_error(prog, user_error)

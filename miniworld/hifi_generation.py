@@ -172,8 +172,8 @@ def mean_cost(rows, key):
 
 
 @dataclass
-class Reference:
-    """Reference-guided generation (Algorithm 2) against plain concept sampling.
+class _Common:
+    """Options both commands take.
 
     Args:
         artifact: the trained artifact folder.
@@ -181,8 +181,23 @@ class Reference:
         out: output folder (results JSON and picture).
         num_steps: DDIM steps.
         guidance: classifier-free guidance.
+        seed: random seed (of the latents, for reference-guided generation).
+    """
+
+    artifact: str
+    concept: str
+    out: str
+    num_steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+
+
+@dataclass
+class Reference(_Common):
+    """Reference-guided generation (Algorithm 2) against plain concept sampling.
+
+    Args:
         inner_steps: J, Adam steps per guided timestep.
-        seed: base seed of the latents.
         t_s: guidance starts at this step of num_steps (paper: 40 of 50).
         t_e: and ends at this one (paper: 10 of 50).
         lr: Adam lr of the guidance.
@@ -192,13 +207,7 @@ class Reference:
         figure_prompts: prompts in the picture.
     """
 
-    artifact: str
-    concept: str
-    out: str
-    num_steps: int = 25
-    guidance: float = 7.5
     inner_steps: int = 10
-    seed: int = 0
     t_s: int = 20
     t_e: int = 5
     lr: float = 1e-2
@@ -209,29 +218,17 @@ class Reference:
 
 
 @dataclass
-class Replace:
+class Replace(_Common):
     """Subject replacement (Algorithm 3) on held-out world images.
 
     Args:
-        artifact: the trained artifact folder.
-        concept: the MiniWorld concept it was trained on.
-        out: output folder (results JSON and picture).
-        num_steps: DDIM steps.
-        guidance: classifier-free guidance.
         inner_steps: K, null-text optimization steps per timestep.
-        seed: seed.
         lr: null-text lr (MiniWorld: 5e-2; Mokady et al.: 1e-2).
         num_images: held-out world images edited.
         figure_images: images in the picture.
     """
 
-    artifact: str
-    concept: str
-    out: str
-    num_steps: int = 25
-    guidance: float = 7.5
     inner_steps: int = 10
-    seed: int = 0
     lr: float = 5e-2
     num_images: int = 20
     figure_images: int = 8

@@ -4,8 +4,9 @@ old dashed spellings give the same options as the canonical ones."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 
@@ -38,6 +39,21 @@ def test_normalise_argv_rewrites_old_spellings_only():
         "--concepts", '["a", "b"]', "--num_images", "1"]
     assert normalise_argv(["--old", "v"], parser, aliases={"--old": ["--num_images"]}) == ["--num_images", "v"]
     assert normalise_argv(["--no-x"], parser, aliases={"--no-x": ["--concepts", "[]"]}) == ["--concepts", "[]"]
+
+
+def test_list_options_finds_every_spelling_of_a_list_field():
+    from components.cli import list_options
+
+    @dataclass
+    class Options:  # the annotations are strings here (future import), resolved from this module
+        a: Optional[list[str]] = None
+        b: list[int] = field(default_factory=list)
+        c: List[str] | None = None
+        d: str | None = None
+        e: dict = field(default_factory=dict)
+        f: Optional[str] = None
+
+    assert list_options(Options) == {"--a", "--b", "--c"}
 
 
 # -- python -m miniworld.study ------------------------------------------------------------------
