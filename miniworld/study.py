@@ -57,7 +57,8 @@ class StudyOptions:
         concept_context: how the views are photographed: scene (one shared scene), prop, varied.
         concept_views: views (training images) per concept.
         concept_data: ConceptDataModule arguments shared by all methods.
-        methods: name -> {class_path, max_steps, init_args, optional placeholder / data / sweep}.
+        methods: name -> {class_path, max_steps, init_args, optional placeholder / data / sweep}, or
+            {artifacts_of: an earlier method, sweep}: that method's artifacts sampled another way.
         hifi_ablation: HiFi Tuner's ablation chain (method names), checked in findings.md in this order.
         evaluation: evaluation settings (num_prompts, num_images, batch_size, defaults, save_grids, device).
         sweep: the sampler sweep (evaluate.py's sweep format).
@@ -101,6 +102,12 @@ def select_methods(cfg: dict) -> dict:
     unknown = set(cfg.get("run_methods") or []) - set(cfg["methods"])
     if unknown:
         raise ValueError(f"Unknown method(s) {sorted(unknown)}; the config defines {sorted(cfg['methods'])}.")
+    names = list(cfg["methods"])
+    for name, spec in cfg["methods"].items():
+        src = (spec or {}).get("artifacts_of")
+        if src is not None and (src not in names or names.index(src) >= names.index(name) or "artifacts_of" in cfg["methods"][src]):
+            raise ValueError(f"methods.{name}.artifacts_of: {src!r} must be a method trained earlier in the config "
+                             f"({', '.join(names[:names.index(name)]) or 'none'}).")
     if cfg.get("run_methods"):
         cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in cfg["run_methods"]}
     return cfg
@@ -160,6 +167,9 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
+    if not rows:  # nothing yet (e.g. only a method sampling another's artifacts has run)
+        path.write_text("")
+        return
     cols = list(rows[0])
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -227,17 +237,21 @@ def _num(r: dict, key: str) -> float:
 
 
 def method_table(rows: list[dict], methods: list[str]) -> list[dict]:
-    """Per method, concept sampling (the ω = 7 setting, else the first concept setting),
-    mean over concepts: DINO, CLIP-I, CLIP-T, identity, prompt (HiFi Tuner's Tables 1-2)."""
+    """Per method, concept sampling (the ω = 7 setting, else the first concept setting; a
+    method without concept sampling: its first sampler and setting), mean over concepts:
+    DINO, CLIP-I, CLIP-T, identity, prompt (HiFi Tuner's Tables 1-2)."""
     out = []
     for method in methods:
-        mine = [r for r in rows if r["method"] == method and r["sampler"] == "concept"]
-        if not mine:
+        own = [r for r in rows if r["method"] == method]
+        if not own:
             continue
+        sampler = "concept" if any(r["sampler"] == "concept" for r in own) else own[0]["sampler"]
+        mine = [r for r in own if r["sampler"] == sampler]
         settings = [r["settings"] for r in mine]
-        pick = next((st for st in settings if json.loads(st).get("guidance", 7.0) == 7.0), settings[0])
+        pick = next((st for st in settings if sampler == "concept" and json.loads(st).get("guidance", 7.0) == 7.0),
+                    settings[0])
         cells = [r for r in mine if r["settings"] == pick]
-        row = {"method": method, "setting": cells[0]["setting"], "concepts": len(cells)}
+        row = {"method": method, "sampler": sampler, "setting": cells[0]["setting"], "concepts": len(cells)}
         for k in ("dino", "clip_i", "clip_t", "identity", "prompt"):
             vals = [_num(r, k) for r in cells if not math.isnan(_num(r, k))]
             row[k] = sum(vals) / len(vals) if vals else math.nan
@@ -343,7 +357,8 @@ def findings(summary: list[dict], table: list[dict] | None = None, hifi_ablation
         chain = [rows[m] for m in steps]
         more_dino = [b["dino"] > a["dino"] for a, b in zip(chain, chain[1:])]
         kept = [abs(r["clip_t"] - chain[0]["clip_t"]) <= 0.01 for r in chain[1:]]
-        add("HiFi Tuner's techniques each add DINO while keeping CLIP-T (concept sampling; within 0.01)",
+        add("HiFi Tuner's techniques each add DINO while keeping CLIP-T (within 0.01; each method's row of the "
+            "per-method table)",
             " → ".join(f"{m} DINO {rows[m]['dino']:.3f} CLIP-T {rows[m]['clip_t']:.3f}" for m in steps),
             all(more_dino) and all(kept))
     return out
@@ -354,12 +369,18 @@ def run_method(cfg: dict, out: Path, method: str, log=print) -> list[dict]:
     over the sweep (skipping finished cells); its rows, each with ``method``."""
     spec, root = cfg["methods"][method], out / "concepts"
     base, seed, ev = cfg["base"], cfg.get("seed", 0), cfg["evaluation"]
+    trained = spec.get("artifacts_of", method)
     for concept in cfg["concepts"]:
+        if trained != method:  # another method's artifacts, sampled another way: they must exist
+            if not (out / "artifacts" / trained / concept / "personalize.json").exists():
+                raise UserError(f"{method} samples {trained}'s artifacts, and {trained} has none for {concept} in {out}",
+                                fix=f"run {trained} first (--run_methods {trained} {method})")
+            continue
         t0 = time.time()
         train_one(spec, base, root / concept, out / "artifacts" / method / concept, cfg.get("concept_data", {}), seed)
         log(f"[study] trained {method} on {concept} ({time.time() - t0:.0f} s)")
     ecfg = EvalConfig(
-        model=base, artifact=str(out / "artifacts" / method / "{subject}"), dreambooth_root=str(root),
+        model=base, artifact=str(out / "artifacts" / trained / "{subject}"), dreambooth_root=str(root),
         subjects=cfg["concepts"], prompts=str(root / cfg["concepts"][0] / "prompts.txt"),
         num_prompts=ev.get("num_prompts", 0), num_images=ev.get("num_images", 2), seed=seed,
         batch_size=ev.get("batch_size", 25), sweep=spec.get("sweep", cfg["sweep"]), defaults=ev.get("defaults", {}),
@@ -397,8 +418,14 @@ def run_study(cfg: dict, out: Path, log=print, workers: int | None = None) -> di
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-            jobs = {m: pool.apply_async(_worker, ((cfg, str(out), m),)) for m in methods}
+            def submit(m):
+                return pool.apply_async(_worker, ((cfg, str(out), m),))
+
+            # a method sampling another's artifacts starts once that one has finished
+            jobs = {m: submit(m) for m in methods if cfg["methods"][m].get("artifacts_of") not in methods}
             for method in methods:  # merged as methods finish, in config order
+                if method not in jobs:
+                    jobs[method] = submit(method)
                 by_method[method] = jobs[method].get()
                 result = write_outputs(out, [r for m in methods if m in by_method for r in by_method[m]], methods, cfg)
     import resource
@@ -416,7 +443,11 @@ def write_outputs(out: Path, all_rows: list[dict], methods: list[str], cfg: dict
     """results.csv, summary.csv (mean over concepts and methods), summary_by_method.csv,
     methods.csv, correlations.csv, the Pareto plots and findings.md, from the rows so far."""
     write_rows(out / "results.csv", all_rows)
-    summary = summarize(all_rows)
+    # the samplers' means over methods: a method that samples another's artifacts
+    # (artifacts_of) is left out, its own sampler being run for that one method only
+    specs = (cfg or {}).get("methods", {})
+    pooled = [r for r in all_rows if "artifacts_of" not in (specs.get(r["method"]) or {})]
+    summary = summarize(pooled)
     write_rows(out / "summary.csv", summary)
     per_method = []
     for method in methods:
@@ -428,16 +459,18 @@ def write_outputs(out: Path, all_rows: list[dict], methods: list[str], cfg: dict
         write_rows(out / "methods.csv", table)
     corr = correlations(all_rows, summary)
     write_rows(out / "correlations.csv", corr)
-    done = [m for m in methods if any(r["method"] == m for r in all_rows)]
+    done = [m for m in methods if any(r["method"] == m for r in pooled)]
     title = f"MiniWorld: mean over {len(done)} methods and their concepts"
-    plot_pareto(summary, out / "pareto.png", title=title)
-    plot_pareto(summary, out / "pareto_dino.png", y="dino", title="MiniWorld: DINO vs CLIP-T")
-    judged = any(not math.isnan(_num(r, "identity")) for r in summary)
-    if judged:
+    if summary:
+        plot_pareto(summary, out / "pareto.png", title=title)
+        plot_pareto(summary, out / "pareto_dino.png", y="dino", title="MiniWorld: DINO vs CLIP-T")
+    judged = any(not math.isnan(_num(r, "identity")) for r in all_rows)
+    if judged and summary:
         plot_pareto(summary, out / "pareto_judge.png", x="prompt", y="identity",
                     title=f"MiniWorld, the judge's ground truth: {title[11:]}")
     found = findings(summary, table, (cfg or {}).get("hifi_ablation"))
-    write_findings(out / "findings.md", summary, found, done, table, corr if judged else [], cfg)
+    ran = [m for m in methods if any(r["method"] == m for r in all_rows)]
+    write_findings(out / "findings.md", summary, found, ran, table, corr if judged else [], cfg)
     return {"findings": found, "rows": len(all_rows), "table": table, "correlations": corr}
 
 
@@ -451,6 +484,8 @@ def write_findings(path: Path, summary: list[dict], found: list[dict], methods: 
              f"{ev.get('num_images', '?')} image(s) per prompt, {ev.get('defaults', {}).get('num_steps', 50)} DDIM steps. "
              "Identity / prompt: the world's judge (shares of images showing the concept / what the prompt asks).", "",
              "## Per sampler setting (mean over methods and concepts)", "",
+             *([f"Methods that sample another's artifacts ({', '.join(extra)}) are in the per-method table only.", ""]
+               if (extra := [m for m in methods if "artifacts_of" in (cfg.get("methods", {}).get(m) or {})]) else []),
              "| sampler | setting | CLIP-I | CLIP-T | DINO | identity | prompt | UNet evals/image | Pareto (CLIP) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in summary:
@@ -458,10 +493,10 @@ def write_findings(path: Path, summary: list[dict], found: list[dict], methods: 
                      f"{_f(r, 'identity')} | {_f(r, 'prompt')} | {r['unet_evals_per_image']:.0f} | "
                      f"{'yes' if r['pareto'] else ''} |")
     if table:
-        lines += ["", "## Per method (concept sampling, mean over concepts)", "",
-                  "| method | DINO | CLIP-I | CLIP-T | identity | prompt |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "## Per method (concept sampling at ω = 7 unless named, mean over concepts)", "",
+                  "| method | sampler | DINO | CLIP-I | CLIP-T | identity | prompt |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in table:
-            lines.append(f"| {r['method']} | {_f(r, 'dino')} | {_f(r, 'clip_i')} | {_f(r, 'clip_t')} | "
+            lines.append(f"| {r['method']} | {r.get('sampler', 'concept')} | {_f(r, 'dino')} | {_f(r, 'clip_i')} | {_f(r, 'clip_t')} | "
                          f"{_f(r, 'identity')} | {_f(r, 'prompt')} |")
     if corr:
         lines += ["", "## Do the estimates track the ground truth? (Spearman ρ)", "",

@@ -113,3 +113,36 @@ def test_unknown_method_is_a_clear_error(tmp_path):
     cfg.write_text("methods: {lora: {class_path: lightning_modules.LoRA, max_steps: 1}}\nconcepts: []\n")
     with pytest.raises(ValueError, match="Unknown method"):
         load_config(cfg, run_methods=["nope"])
+
+
+def test_a_method_can_sample_another_methods_artifacts(tmp_path):
+    """``artifacts_of``: no training of its own, the same artifacts (so the same concept
+    sampling, value for value up to the rounding of other batch sizes), its own sweep; kept out of the samplers' means over methods,
+    and in the per-method table with its own sampler when it has no concept sampling."""
+    cfg = {**TINY, "concepts": ["orange_checkered_ball"],
+           "methods": {"textual_inversion": TINY["methods"]["textual_inversion"],
+                       "ti_again": {"artifacts_of": "textual_inversion", "sweep": [{"sampler": "concept"}]},
+                       "ti_mixed": {"artifacts_of": "textual_inversion", "sweep": [{"sampler": "mixed"}]}},
+           "sweep": [{"sampler": "concept"}, {"sampler": "superclass"}]}
+    out = tmp_path / "study"
+    result = run_study(dict(cfg), out, log=lambda m: None)
+    assert sorted(p.name for p in (out / "artifacts").iterdir()) == ["textual_inversion"]
+    with (out / "results.csv").open() as f:
+        rows = {(r["method"], r["sampler"]): r for r in csv.DictReader(f)}
+    for k in ("clip_i", "clip_t", "dino", "identity", "prompt"):  # the same up to batch-size rounding
+        assert float(rows[("ti_again", "concept")][k]) == pytest.approx(float(rows[("textual_inversion", "concept")][k]),
+                                                                         abs=1e-5)
+    with (out / "summary.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    # the means over methods are textual_inversion's own: no mixed point from the one method that ran it
+    assert [r["sampler"] for r in summary] == ["concept", "superclass"]
+    assert [(r["method"], r["sampler"]) for r in result["table"]] == [
+        ("textual_inversion", "concept"), ("ti_again", "concept"), ("ti_mixed", "mixed")]
+
+
+def test_artifacts_of_must_name_an_earlier_trained_method(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("methods: {a: {artifacts_of: lora}, lora: {class_path: lightning_modules.LoRA, max_steps: 1}}\n"
+                   "concepts: []\n")
+    with pytest.raises(ValueError, match="must be a method trained earlier"):
+        load_config(cfg)
