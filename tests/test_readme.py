@@ -145,7 +145,7 @@ SKIP: dict[str, str] = {
         "needs a trained artifact; tests/test_hifi_generation.py runs edit.py replace (and its refusals) in-process "
         "on a MiniWorld HiFi Tuner artifact",
     "python -m miniworld.study --config configs/miniworld/study.yaml --out outputs/miniworld_study":
-        "45 fine-tunings and 1400 cells, hours of CPU; tests/test_miniworld_study.py runs a shortened study",
+        "45 fine-tunings and 1400 cells, about 2 hours on 2 cores; tests/test_miniworld_study.py runs a shortened study",
 }
 
 _PYTHON = re.compile(r"(?:^|[\s/])python3?(?:\s|$)")
