@@ -151,8 +151,27 @@ def _is_lightning_module(path: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, L.LightningModule)
 
 
+#: Lightning warnings that are expected in every run of this project, so not shown (each
+#: would otherwise print on every ``fit``): the frozen parts of a method are in eval mode on
+#: purpose; callbacks.EMA averages only the trained weights, so configure_model's sharding
+#: concern does not arise; Lightning's own use of a torch API deprecated in torch 2.13.
+EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"You're using the WeightAveraging callback with a model that overrides the configure_model",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def quiet_expected_warnings() -> None:
+    import warnings
+
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(args=None) -> PersonalizeCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_expected_warnings()
     check_arguments(sys.argv[1:] if args is None else list(args))
     return PersonalizeCLI(
         subclass_mode_model=True,

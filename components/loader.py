@@ -92,8 +92,10 @@ class DiffusionComponents:
         return {**self.text_encoders(), "unet": self.unet, "vae": self.vae}
 
     def to(self, device=None, dtype=None) -> "DiffusionComponents":
+        # only the arguments given: diffusers warns on any dtype keyword, even None
+        move = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
+            m.to(**move)
         return self
 
     def encode(self, prompts) -> Any:

@@ -65,9 +65,8 @@ class DreamBooth(PersonalizationModule):
     def load_artifact_files(self, folder: Path) -> None:
         for name, module in {self.backbone.denoiser_name: self.unet, **self.text_encoders()}.items():
             if (folder / name).is_dir():
-                dtype = module.dtype
+                # load_state_dict copies into the module's own tensors: its dtype stays
                 module.load_state_dict(type(module).from_pretrained(folder / name).state_dict())
-                module.to(dtype)
 
 
 def is_qkv(name: str) -> bool:

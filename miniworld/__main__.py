@@ -4,6 +4,8 @@ Commands:
   write-concept NAME FOLDER   write a concept folder (NAME "all": one subfolder per concept);
                               --context scene (one shared scene, default) | prop | varied
   preview OUT.png             a contact sheet: one row per scene, then the concepts
+  before-after ARTIFACT OUT.png
+                              the base model vs a fine-tuned artifact's concept and superclass samplers
   train-vae --out DIR         stage 1 of the text-to-image model
   train-judge --out DIR       the attribute classifier used by the quality script
   train-clip --out DIR        the CLIP-like encoder of the metrics
@@ -59,6 +61,34 @@ class Preview:
 
 
 @dataclass
+class BeforeAfter:
+    """A before/after picture of a fine-tuned artifact: the base model asked for the concept
+    phrase, then the artifact's concept and superclass samplers, over the first MiniWorld
+    prompts (the same x_T in every row).
+
+    Args:
+        artifact: the trained artifact folder (e.g. outputs/quickstart/artifact).
+        out: the PNG to write.
+        concept: concept source of the training views shown on top (e.g.
+            miniworld:orange_checkered_ball:scene:20); none: no such row.
+        num_prompts: the first N MiniWorld prompts, one column each.
+        num_images: images per prompt and row.
+        num_steps: DDIM steps.
+        seed: base seed of the latents.
+        scale: pixel scale of the picture.
+    """
+
+    artifact: str
+    out: str
+    concept: str | None = None
+    num_prompts: int = 8
+    num_images: int = 2
+    num_steps: int = 25
+    seed: int = 0
+    scale: int = 3
+
+
+@dataclass
 class Train:
     """Train one of the world's models.
 
@@ -76,6 +106,7 @@ class Train:
 COMMANDS = {
     "write-concept": (WriteConcept, "write a concept folder"),
     "preview": (Preview, "contact sheet of the world"),
+    "before-after": (BeforeAfter, "base model vs a fine-tuned artifact's concept and superclass samplers"),
     "train-vae": (Train, "stage 1 of the text-to-image model"),
     "train-judge": (Train, "the attribute classifier used by the quality script"),
     "train-clip": (Train, "the CLIP-like encoder of the metrics"),
@@ -105,6 +136,16 @@ def main(argv: list[str] | None = None) -> None:
         from miniworld.world import World
 
         World(args.seed).contact_sheet(scale=args.scale).save(args.out)
+        print(f"wrote {args.out}")
+    elif command == "before-after":
+        from miniworld.figures import before_after
+
+        if args.num_prompts < 1 or args.num_images < 1 or args.scale < 1:
+            from components.errors import UserError
+
+            raise UserError("num_prompts, num_images and scale must be 1 or more")
+        before_after(args.artifact, args.out, args.concept, args.num_prompts, args.num_images, args.num_steps,
+                     args.seed, args.scale)
         print(f"wrote {args.out}")
     else:
         if not args.out:

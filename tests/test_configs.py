@@ -277,3 +277,21 @@ def test_appending_sampler_validation_renders_the_grid_once(workdir, monkeypatch
     assert grid.deferred_to == "concept" and validation.grid_aliases == {"concept": "val/images"}
     grid.teardown(cli.trainer, cli.model, "fit")
     assert validation.grid_aliases == {}
+
+
+def test_train_hides_only_the_expected_lightning_warnings():
+    """The three warnings every fit prints are hidden; any other warning still shows."""
+    import warnings
+
+    import train
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.quiet_expected_warnings()
+        warnings.warn("Found 490 module(s) in eval mode at the start of training. This may lead to unexpected behavior")
+        warnings.warn("You're using the WeightAveraging callback with a model that overrides the configure_model callback.")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead.")
+        warnings.warn("Found 3 module(s) in train mode")  # not one of them
+        warnings.warn("Checkpoint directory x exists and is not empty.")
+    assert [str(w.message) for w in caught] == ["Found 3 module(s) in train mode",
+                                                "Checkpoint directory x exists and is not empty."]

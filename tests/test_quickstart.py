@@ -91,3 +91,24 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
 
     model = load_personalized(str(ROOT / "miniworld" / "pretrained" / "sd"), out / "artifact")
     assert model.concept_phrase
+
+    # the README's before/after picture of the quickstart's artifact (python -m miniworld before-after)
+    from miniworld.figures import before_after
+
+    picture = tmp_path / "before_after.png"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the artifact names its base model by the config's relative path
+    try:
+        rows = before_after(out / "artifact", picture, concept=cfg["data"]["init_args"]["concept_dir"], num_prompts=2,
+                            num_images=1, num_steps=3, scale=1)
+    finally:
+        os.chdir(cwd)
+    assert list(rows) == ["views", "before", "concept", "superclass"]
+    assert all(r.shape == (2, 3, 32, 32) for r in rows.values())
+    # the same x_T in every sampled row: the fine-tuned UNet (concept) and the base (before) differ,
+    # and the concept and superclass samplers of the same model differ
+    assert (rows["before"] - rows["concept"]).abs().max() > 0.05
+    assert (rows["concept"] - rows["superclass"]).abs().max() > 0.05
+    sheet = Image.open(picture)
+    # a 30 px header and 4 rows of one 32 px image (+ 2 + 2 grid padding), each + 6 below; labels 110 px wide
+    assert sheet.size == (110 + 2 * 34 + 2, (30 + 6) + 4 * (34 + 2 + 6))
