@@ -104,6 +104,7 @@ class ExportArtifact(L.Callback):
     def __init__(self, dirpath: str | None = None, every_n_epochs: int = 0, overwrite: bool = False):
         self.dirpath, self.every_n_epochs, self.overwrite = dirpath, every_n_epochs, overwrite
         self._identity: dict | None = None
+        self._checkpoint_dirs: list[Path] = []
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         if self.dirpath:
@@ -130,14 +131,19 @@ class ExportArtifact(L.Callback):
             if not (self.overwrite and replaceable):
                 raise UserError(problem, fix=fix)
             rank_zero_warn(f"overwrite: {problem}; replacing it as asked.")
-        if trainer.is_global_zero:  # this run's checkpoints, from now on
-            for ckpt_dir in checkpoints:
-                write_identity(ckpt_dir, identity)
+        self._checkpoint_dirs = checkpoints  # marked as this run's when training starts
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # before the model loads and trains; train.py has checked already (before_fit)
         if stage == "fit" and self._identity is None:
             self.check(trainer, pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # this run's checkpoints, from now on: written after ModelCheckpoint's own setup, so
+        # that a fresh run's folder is still empty there (no "exists and is not empty" warning)
+        if trainer.is_global_zero and self._identity is not None:
+            for ckpt_dir in self._checkpoint_dirs:
+                write_identity(ckpt_dir, self._identity)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:  # the same on every rank
