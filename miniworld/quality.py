@@ -7,7 +7,12 @@ Prints, for whichever models are given:
 2. model: prompt following of the text-to-image model. Prompts "a {colour} {shape}
    {scene}" with random attributes, one image each (DDIM, classifier-free guidance);
    the judge reads scene, shape and colour off every image (model_clip: the tiny
-   CLIP's zero-shot reading of the same images, as a second opinion); prompt_set: the
+   CLIP's zero-shot reading of the same images, as a second opinion); model_pattern:
+   the same with a pattern named, "a {colour} {pattern} {shape} {scene}" (striped,
+   dotted, checkered), and ``identity`` (shape, colour and pattern all right);
+   concepts_in_words: each held-out concept asked for in words in the 20 scenes ("a blue
+   striped star on the beach"), its identity accuracy: what the base model draws of a
+   concept when told, the ceiling personalization starts from; prompt_set: the
    25 study prompts with each shape word in the slot ("a star in the snow", "a red
    star", "a cube shaped star"), judged on what each one asks for;
 3. clip: zero-shot retrieval on held-out images (right scene among the 20 scene
@@ -46,6 +51,36 @@ def prompt_set(n: int, seed: int = 0) -> tuple[list[str], dict[str, torch.Tensor
     prompts = [f"a {COLOUR_NAMES[c]} {SHAPE_NAMES[s]} {SCENES[SCENE_NAMES[sc]][0]}"
                for sc, s, c in zip(labels["scene"], labels["shape"], labels["colour"])]
     return prompts, {k: torch.from_numpy(v) for k, v in labels.items()}
+
+
+def pattern_prompt_set(n: int, seed: int = 0) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """``n`` prompts "a {colour} {pattern} {shape} {scene}" (a pattern other than plain, so
+    that it is named) and their ground-truth label indices."""
+    from miniworld.draw import PATTERNS
+    from miniworld.world import ObjectSpec
+
+    rng = np.random.default_rng([seed, 1])
+    named = [k for k, p in enumerate(PATTERNS) if p != "plain"]
+    labels = {"scene": rng.integers(len(SCENE_NAMES), size=n), "shape": rng.integers(len(SHAPE_NAMES), size=n),
+              "colour": rng.integers(len(COLOUR_NAMES), size=n), "pattern": rng.choice(named, size=n)}
+    prompts = [f"a {ObjectSpec(SHAPE_NAMES[s], COLOUR_NAMES[c], PATTERNS[p]).phrase()} {SCENES[SCENE_NAMES[sc]][0]}"
+               for sc, s, c, p in zip(labels["scene"], labels["shape"], labels["colour"], labels["pattern"])]
+    return prompts, {k: torch.from_numpy(np.asarray(v)) for k, v in labels.items()}
+
+
+def concept_word_prompts() -> dict[str, list[str]]:
+    """Per held-out concept, the concept asked for in words in each of the 20 scenes."""
+    from miniworld.world import CONCEPTS
+
+    return {name: [f"a {c.obj.phrase()} {SCENES[scene][0]}" for scene in SCENE_NAMES] for name, c in CONCEPTS.items()}
+
+
+def identity_accuracy(pred: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> float:
+    """Share of images whose shape, colour and pattern are all right."""
+    right = torch.ones_like(truth["shape"], dtype=torch.bool)
+    for k in ("shape", "colour", "pattern"):
+        right &= pred[k] == truth[k]
+    return float(right.float().mean())
 
 
 def superclass_prompt_set() -> tuple[list[str], list[dict[str, int]]]:
@@ -215,6 +250,22 @@ def main(argv: list[str] | None = None) -> dict:
             results["model_clip"] = clip_opinion(args.clip, images, truth)
         if args.grid:
             save_grid(images[:50], args.grid)
+        prompts, truth = pattern_prompt_set(args.num_prompts, args.seed)
+        pred = judge.predict(generate(args.model, prompts, args.steps, args.guidance, args.seed))
+        results["model_pattern"] = {k: float((pred[k] == truth[k]).float().mean()) for k in truth}
+        results["model_pattern"]["identity"] = identity_accuracy(pred, truth)
+        from miniworld.draw import PATTERNS
+        from miniworld.world import CONCEPTS
+
+        words, in_words = concept_word_prompts(), {}
+        for name, prompts in words.items():
+            obj = CONCEPTS[name].obj
+            truth = {"shape": SHAPE_NAMES.index(obj.shape), "colour": COLOUR_NAMES.index(obj.colour),
+                     "pattern": PATTERNS.index(obj.pattern)}
+            pred = judge.predict(generate(args.model, prompts, args.steps, args.guidance, args.seed))
+            in_words[name] = identity_accuracy(pred, {k: torch.full((len(prompts),), v) for k, v in truth.items()})
+        in_words["mean"] = sum(in_words.values()) / len(words)
+        results["concepts_in_words"] = in_words
         if args.prompt_set:  # the study's prompts, with the superclass word in the slot
             study_prompts, wanted = superclass_prompt_set()
             study_pred = judge.predict(generate(args.model, study_prompts, args.steps, args.guidance, args.seed))

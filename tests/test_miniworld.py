@@ -248,7 +248,26 @@ def test_quality_script_on_tiny_models(tmp_path, tiny_folder, capsys):
     results = main(["--model", str(tiny_folder), "--judge", str(tmp_path / "judge"), "--clip", "", "--dino", "",
                     "--num-prompts", "2", "--no-prompt-set", "--num-held-out", "8", "--steps", "2", "--json", str(tmp_path / "q.json")])
     assert 0 <= results["model"]["scene"] <= 1 and json.loads((tmp_path / "q.json").read_text())["model"]
+    assert set(results["model_pattern"]) == {"scene", "shape", "colour", "pattern", "identity"}
+    assert results["model_pattern"]["identity"] <= min(results["model_pattern"][k] for k in ("shape", "colour", "pattern"))
+    in_words = results["concepts_in_words"]
+    assert set(in_words) == {*CONCEPTS, "mean"} and in_words["mean"] == pytest.approx(sum(in_words[c] for c in CONCEPTS) / 5)
     assert "judge_clean" in capsys.readouterr().out
+
+
+def test_pattern_prompts_name_their_pattern_and_identity_needs_all_three():
+    from miniworld.quality import concept_word_prompts, identity_accuracy, pattern_prompt_set
+
+    prompts, truth = pattern_prompt_set(50, seed=3)
+    assert set(truth) == {"scene", "shape", "colour", "pattern"} and PATTERNS.index("plain") not in truth["pattern"]
+    for prompt, c, pa, sh in zip(prompts, truth["colour"], truth["pattern"], truth["shape"]):
+        assert f" {COLOUR_NAMES[c]} {PATTERNS[pa]} {SHAPE_NAMES[sh]} " in prompt, prompt
+    words = concept_word_prompts()
+    assert words["blue_striped_star"][SCENE_NAMES.index("snow")] == "a blue striped star in the snow"
+    assert all(len(v) == len(SCENE_NAMES) for v in words.values())
+    t = {"shape": torch.tensor([0, 0, 0, 0]), "colour": torch.tensor([1, 1, 1, 1]), "pattern": torch.tensor([2, 2, 2, 2])}
+    pred = {"shape": torch.tensor([0, 0, 0, 1]), "colour": torch.tensor([1, 1, 0, 1]), "pattern": torch.tensor([2, 3, 2, 2])}
+    assert identity_accuracy(pred, t) == 0.25  # only the first image has all three right
 
 
 def test_superclass_prompt_set_asks_for_what_the_prompt_says():
