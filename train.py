@@ -47,8 +47,9 @@ class PersonalizeCLI(LightningCLI):
         follow_run_folder(config)
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        make_wandb_dirs(config)
+        trainer = super().instantiate_trainer(**kwargs)
         if config.get("overwrite_artifact"):
             from callbacks.export import ExportArtifact
 
@@ -71,6 +72,22 @@ class PersonalizeCLI(LightningCLI):
                 callback.check(self.trainer, self.model, self.datamodule)
 
 
+def _wandb_loggers(trainer_config) -> list:
+    loggers = trainer_config.get("logger") if trainer_config is not None else None
+    return [lg for lg in (loggers if isinstance(loggers, list) else [loggers])
+            if getattr(lg, "init_args", None) is not None and str(getattr(lg, "class_path", "")).endswith("WandbLogger")]
+
+
+def make_wandb_dirs(config) -> None:
+    """Create each W&B logger's ``save_dir`` once the model and data are built (a mistake
+    there leaves no folder behind): W&B looks for the git repository from that folder and
+    warns "git root ... does not exist" when it is not there yet."""
+    for logger in _wandb_loggers(config.get("trainer") if config is not None else None):
+        save_dir = logger.init_args.get("save_dir")
+        if save_dir not in (None, ""):
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+
+
 def follow_run_folder(config) -> None:
     """Outputs follow the run: with ``trainer.default_root_dir`` set, a W&B logger without a
     ``save_dir`` writes there (named after the folder), and a ModelCheckpoint without a
@@ -82,11 +99,8 @@ def follow_run_folder(config) -> None:
     root = trainer.get("default_root_dir") if trainer is not None else None
     if not root:
         return
-    loggers = trainer.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        init_args = getattr(logger, "init_args", None)
-        if init_args is None or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
-            continue
+    for logger in _wandb_loggers(trainer):
+        init_args = logger.init_args
         if init_args.get("save_dir") in (None, "", "."):
             init_args["save_dir"] = str(root)
         if not init_args.get("name"):

@@ -301,3 +301,20 @@ def test_train_hides_only_the_expected_lightning_warnings():
         warnings.warn("Checkpoint directory x exists and is not empty.")
     assert [str(w.message) for w in caught] == ["Found 3 module(s) in train mode",
                                                 "Checkpoint directory x exists and is not empty."]
+
+
+def test_wandb_save_dir_exists_before_wandb_starts(tmp_path):
+    """W&B warns "git root ... does not exist" when its folder is missing at init: train.py
+    creates each W&B logger's save_dir once the model and data are built, and only those."""
+    from jsonargparse import Namespace
+
+    import train
+
+    wandb_dir, csv_dir = tmp_path / "runs" / "a", tmp_path / "csv"
+    config = Namespace(trainer=Namespace(logger=[
+        Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(save_dir=str(wandb_dir))),
+        Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=str(csv_dir))),
+    ]))
+    train.make_wandb_dirs(config)
+    assert wandb_dir.is_dir() and not csv_dir.exists()
+    train.make_wandb_dirs(Namespace(trainer=Namespace(logger=False)))  # no logger: nothing to do
