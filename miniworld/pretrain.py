@@ -86,6 +86,9 @@ class TextToImagePretraining(L.LightningModule):
         ema_decay: decay of the weight average that is saved (0 saves the raw weights).
         save_every_n_steps: also write the pipeline folder every n steps (0: only at the end).
         seed: seed of the weight initialisation.
+        init_from: a MiniWorld pipeline folder (e.g. ``miniworld/pretrained/sd``) whose UNet
+            and text encoder weights this run starts from: continued pretraining (the
+            configs must match it). None: a fresh initialisation.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class TextToImagePretraining(L.LightningModule):
         ema_decay: float = 0.999,
         save_every_n_steps: int = 500,
         seed: int = 0,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -121,6 +125,15 @@ class TextToImagePretraining(L.LightningModule):
         self.vae = AutoencoderKL.from_pretrained(vae).eval().requires_grad_(False)
         self.scheduler = DDPMScheduler(prediction_type=prediction_type, **TINY_CONFIG["scheduler"])
         self.scheduler.register_to_config(set_alpha_to_one=False)
+        if init_from is not None:  # continued pretraining: the weights of a saved pipeline
+            from components.errors import MissingFileError
+
+            if not (Path(init_from) / "unet").is_dir() or not (Path(init_from) / "text_encoder").is_dir():
+                raise MissingFileError(f"init_from {init_from!r} is not a MiniWorld pipeline folder (unet/, text_encoder/)",
+                                       fix="pass the folder the pretraining wrote, e.g. miniworld/pretrained/sd")
+            self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from, subfolder="unet").state_dict())
+            self.text_encoder.load_state_dict(
+                CLIPTextModel.from_pretrained(init_from, subfolder="text_encoder").state_dict())
         # the weight average (unet, then text encoder); its state travels in checkpoints["ema"]
         self.ema = weight_average(self.trained_parameters(), ema_decay)
 

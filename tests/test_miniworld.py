@@ -174,6 +174,18 @@ def test_pretraining_runs_and_saves_a_loadable_pipeline(monkeypatch, tmp_path, s
     assert comps.resolution == 32 and comps.unet.config.cross_attention_dim == 32
     images = comps.pipeline()(["a red ball on the beach"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 32, 32, 3)
+    # continued pretraining starts from the saved pipeline's weights (and its average), not a fresh draw
+    cont = TextToImagePretraining(vae=str(small_vae), output_dir=str(tmp_path / "sd3"), unet=small,
+                                  text_encoder=dict(hidden_size=32, intermediate_size=64), seed=1,
+                                  init_from=str(tmp_path / "sd"))
+    for mine, saved in ((cont.unet, comps.unet), (cont.text_encoder, comps.text_encoders()["text_encoder"])):
+        assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), saved.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(cont.ema.shadow_params, cont.trained_parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(again.unet.parameters(), cont.unet.parameters()))
+    from components.errors import MissingFileError
+
+    with pytest.raises(MissingFileError, match="not a MiniWorld pipeline folder"):
+        TextToImagePretraining(vae=str(small_vae), unet=small, init_from=str(tmp_path / "nope"))
 
 
 def test_vae_training_sets_scaling_factor(monkeypatch, tmp_path):
