@@ -27,6 +27,7 @@ Prints, for whichever models are given:
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,14 +110,21 @@ def superclass_prompt_set() -> tuple[list[str], list[dict[str, int]]]:
     return prompts, wanted
 
 
-@torch.no_grad()
-def generate(model_dir: str, prompts: list[str], steps: int = 50, guidance: float = 5.0, seed: int = 0,
-             batch_size: int = 50) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] from the diffusers pipeline of ``model_dir``."""
+@functools.lru_cache(maxsize=2)
+def _pipeline(model_dir: str):
+    """The diffusers pipeline of ``model_dir``, loaded once for all the prompt sets."""
     from components.loader import load_components
 
     pipe = load_components(model_dir).pipeline()
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(model_dir: str, prompts: list[str], steps: int = 50, guidance: float = 5.0, seed: int = 0,
+             batch_size: int = 50) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] from the diffusers pipeline of ``model_dir``."""
+    pipe = _pipeline(model_dir)
     out = []
     for i in range(0, len(prompts), batch_size):
         gen = torch.Generator().manual_seed(seed + i)
