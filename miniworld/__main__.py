@@ -74,6 +74,8 @@ class BeforeAfter:
         num_prompts: the first N MiniWorld prompts, one column each.
         num_images: images per prompt and row.
         num_steps: DDIM steps.
+        guidance: classifier-free guidance of the concept rows (before and after); none:
+            the concept sampler's default (7). The superclass row keeps its default.
         seed: base seed of the latents.
         scale: pixel scale of the picture.
     """
@@ -84,6 +86,7 @@ class BeforeAfter:
     num_prompts: int = 8
     num_images: int = 2
     num_steps: int = 25
+    guidance: float | None = None
     seed: int = 0
     scale: int = 3
 
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
             raise UserError("num_prompts, num_images and scale must be 1 or more")
         before_after(args.artifact, args.out, args.concept, args.num_prompts, args.num_images, args.num_steps,
-                     args.seed, args.scale)
+                     guidance=args.guidance, seed=args.seed, scale=args.scale)
         print(f"wrote {args.out}")
     else:
         if not args.out:

@@ -24,12 +24,13 @@ def _label(strip: np.ndarray, text: str, width: int) -> np.ndarray:
 
 
 def before_after(artifact: str | Path, out: str | Path, concept: str | None = None, num_prompts: int = 8,
-                 num_images: int = 2, num_steps: int = 25, seed: int = 0, scale: int = 3,
+                 num_images: int = 2, num_steps: int = 25, guidance: float | None = None, seed: int = 0, scale: int = 3,
                  device: str = "cpu") -> dict[str, torch.Tensor]:
     """Write the picture to ``out`` (PNG); return its rows (``views`` when ``concept`` is
     given, ``before``, ``concept``, ``superclass``: (N, 3, H, W) in [0, 1], prompt-major).
     Each prompt is a column of ``num_images`` images per row; ``concept`` (a concept source
-    such as ``miniworld:orange_checkered_ball:scene:20``) adds a row of its first training views."""
+    such as ``miniworld:orange_checkered_ball:scene:20``) adds a row of its first training views;
+    ``guidance`` sets the concept rows' (before and after) classifier-free guidance."""
     from PIL import Image
 
     from components.pixels import make_grid, to_uint8
@@ -60,7 +61,8 @@ def before_after(artifact: str | Path, out: str | Path, concept: str | None = No
     for name, label, model, sampler in (("before", f"before:\nbase model,\n'{phrase}'", before, "concept"),
                                         ("concept", "after:\nconcept\nsampler", after, "concept"),
                                         ("superclass", "after:\nsuperclass\nsampler", after, "superclass")):
-        s = build_sampler(sampler, num_steps=num_steps)
+        extra = {"guidance": guidance} if guidance is not None and sampler == "concept" else {}
+        s = build_sampler(sampler, num_steps=num_steps, **extra)
         rows.append((name, label, s.sample(model, templates, num_images=num_images, seed=seed, batch_size=16).images))
     strips = []
     for _, label, images in rows:

@@ -80,9 +80,9 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
         assert len(shown) == 1 and f"identity {100 * identity:.1f}%" in shown[0], shown
     assert (out / "checkpoints" / "last.ckpt").exists()
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert all(k.startswith("unet.") for k in ckpt["state_dict"])
+    assert list(ckpt["state_dict"]) == ["embeddings"]  # only what trains: HiFi Tuner's learned vectors
     assert (out / "artifact" / "personalize.json").exists()
-    assert (out / "artifact" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (out / "artifact" / "hifi_embeddings.safetensors").exists()
     # the artifact of a LightningCLI run loads (LightningCLI's "_class_path"/"_instantiator"
     # hyperparameters are not method arguments and stay out of it)
     init_args = json.loads((out / "artifact" / "personalize.json").read_text())["init_args"]
@@ -100,12 +100,16 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
     os.chdir(tmp_path)  # the artifact names its base model by the config's relative path
     try:
         rows = before_after(out / "artifact", picture, concept=cfg["data"]["init_args"]["concept_dir"], num_prompts=2,
-                            num_images=1, num_steps=3, scale=1)
+                            num_images=1, num_steps=3, guidance=2.0, scale=1)
+        at_7 = before_after(out / "artifact", tmp_path / "at_7.png", num_prompts=2, num_images=1, num_steps=3, scale=1)
     finally:
         os.chdir(cwd)
+    # guidance moves the concept rows (before and after) only
+    assert list(at_7) == ["before", "concept", "superclass"] and torch.equal(at_7["superclass"], rows["superclass"])
+    assert all((at_7[k] - rows[k]).abs().max() > 0.01 for k in ("before", "concept"))
     assert list(rows) == ["views", "before", "concept", "superclass"]
     assert all(r.shape == (2, 3, 32, 32) for r in rows.values())
-    # the same x_T in every sampled row: the fine-tuned UNet (concept) and the base (before) differ,
+    # the same x_T in every sampled row: the fine-tuned model (concept) and the base (before) differ,
     # and the concept and superclass samplers of the same model differ
     assert (rows["before"] - rows["concept"]).abs().max() > 0.05
     assert (rows["concept"] - rows["superclass"]).abs().max() > 0.05
