@@ -84,6 +84,10 @@ class PersonalizationModule(L.LightningModule):
         lr_warmup_steps: linear warm-up steps of the default constant schedule.
         prior_loss_weight: weight of the prior-preservation loss (class images).
         masked_loss: weight the instance loss by the subject mask (``‖M⊙(ε̂−ε)‖²``).
+        mask_dilation: with ``masked_loss``, grow the mask by this many image pixels first
+            (a max filter): 0 is the paper's mask; a thin ring of background around the
+            subject supervises its outline, which the mask alone leaves free to drift
+            (README: the cube's corners).
         cache_latents: cache VAE latent distributions of deterministic images.
         cache_text: cache prompt embeddings while nothing on the text side trains.
         frozen_dtype: dtype of fully frozen modules (``fp32``, ``bf16``, ``fp16``), and
@@ -114,6 +118,7 @@ class PersonalizationModule(L.LightningModule):
         lr_warmup_steps: int = 0,
         prior_loss_weight: float = 1.0,
         masked_loss: bool = False,
+        mask_dilation: int = 0,
         cache_latents: bool = True,
         cache_text: bool = True,
         frozen_dtype: str = "fp32",
@@ -131,7 +136,8 @@ class PersonalizationModule(L.LightningModule):
             raise UserError(f"frozen_dtype={frozen_dtype!r} is not a dtype here", fix=f"choose one of {sorted(_DTYPES)}")
         # settings that would only fail after the model loads, checked before it does
         for key, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay),
-                           ("lr_warmup_steps", lr_warmup_steps), ("prior_loss_weight", prior_loss_weight)):
+                           ("lr_warmup_steps", lr_warmup_steps), ("prior_loss_weight", prior_loss_weight),
+                           ("mask_dilation", mask_dilation)):
             if value is not None and value < 0:
                 raise UserError(f"model.{key} is {value}: it cannot be negative", fix=f"set model.{key} to 0 or more")
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -358,7 +364,11 @@ class PersonalizationModule(L.LightningModule):
         inst = ~prior
         if self.hparams.masked_loss:
             # ‖M⊙(ε̂−ε)‖²: the subject mask at latent resolution weights the instance loss
-            m = F.interpolate(batch["masks"].to(err), size=err.shape[-2:], mode="area")[inst]  # (b, 1, h, w)
+            m = batch["masks"].to(err)  # (B, 1, H, W)
+            if self.hparams.mask_dilation:  # grow the mask by d pixels (max filter, (2d+1)²)
+                d = self.hparams.mask_dilation
+                m = F.max_pool2d(m, 2 * d + 1, stride=1, padding=d)
+            m = F.interpolate(m, size=err.shape[-2:], mode="area")[inst]  # (b, 1, h, w)
             loss_inst = (err[inst] * m).sum() / (m.sum() * err.shape[1]).clamp_min(1.0)
         else:
             loss_inst = err[inst].mean()

@@ -100,7 +100,7 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
     os.chdir(tmp_path)  # the artifact names its base model by the config's relative path
     try:
         rows = before_after(out / "artifact", picture, concept=cfg["data"]["init_args"]["concept_dir"], num_prompts=2,
-                            num_images=1, num_steps=3, guidance=2.0, scale=1)
+                            num_images=1, num_steps=3, guidance=3.0, scale=1)
         at_7 = before_after(out / "artifact", tmp_path / "at_7.png", num_prompts=2, num_images=1, num_steps=3, scale=1)
     finally:
         os.chdir(cwd)

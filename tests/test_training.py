@@ -131,13 +131,17 @@ def test_v_prediction_trains(demo_dm):
     quiet_trainer(max_steps=1).fit(module, demo_dm)
 
 
-def test_masked_loss_has_no_gradient_outside_the_mask(demo_dm):
-    """‖M⊙(ε̂−ε)‖²: UNet predictions outside the subject mask get exactly zero gradient."""
-    module = make(DreamBooth, {}, masked_loss=True)
+@pytest.mark.parametrize("dilation, rows", [(0, 4), (3, 5), (4, 5), (5, 6)])
+def test_masked_loss_has_no_gradient_outside_the_mask(demo_dm, dilation, rows):
+    """‖M⊙(ε̂−ε)‖²: UNet predictions outside the subject mask get exactly zero gradient. The
+    mask is the top 16 px rows of the 32 px image (latent rows 0..3 of 8); mask_dilation d
+    grows it to 16 + d rows, so latent rows (4 px each) 0 .. ceil((16 + d) / 4) − 1 get
+    gradient (partly covered rows too) and the rest none."""
     demo_dm.setup("fit")
     batch = next(iter(demo_dm.train_dataloader()))
     batch["masks"] = torch.zeros_like(batch["masks"])
-    batch["masks"][..., :16, :] = 1.0  # top half of the 32 px image = latent rows 0..3 of 8
+    batch["masks"][..., :16, :] = 1.0
+    module = make(DreamBooth, {}, masked_loss=True, mask_dilation=dilation)
     captured = {}
 
     def keep_prediction(mod, args, out):
@@ -148,8 +152,8 @@ def test_masked_loss_has_no_gradient_outside_the_mask(demo_dm):
     module.diffusion_loss(batch, module._generator("x"))["loss"].backward()
     handle.remove()
     grad = captured["pred"].grad  # (B, 4, 8, 8)
-    assert grad[..., 4:, :].abs().max() == 0
-    assert grad[..., :4, :].abs().min() > 0
+    assert grad[..., rows:, :].abs().max() == 0
+    assert grad[..., :rows, :].abs().min() > 0
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(demo_dm):
