@@ -83,6 +83,10 @@ RUN: dict[str, Run] = {
                            "--trainer.num_sanity_val_steps", "0"], subprocess=True,
                     files=["outputs/quickstart/artifact/personalize.json", "outputs/quickstart/config.yaml",
                            "outputs/quickstart/wandb"]),
+    # the quickstart on another concept: the final score (the judge's, for the star) still prints
+    "python train.py fit --config configs/quickstart.yaml --data.init_args.concept_dir miniworld:blue_striped_star:scene:20 "
+    "--trainer.default_root_dir outputs/star": Run(extra=TRAIN_SHORT, files=["outputs/star/artifact/personalize.json"],
+                                                   stdout="final_concept"),
     "python train.py fit --help": Run(stdout="--overwrite_artifact"),
     "python train.py fit --config configs/base.yaml --config configs/methods/lora.yaml "
     "--config configs/data/dreambooth_dog.yaml": Run(extra=[*TRAIN_SHORT, "--model.init_args.pretrained_model", "tiny"],
