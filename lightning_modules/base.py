@@ -140,6 +140,10 @@ class PersonalizationModule(L.LightningModule):
                            ("mask_dilation", mask_dilation)):
             if value is not None and value < 0:
                 raise UserError(f"model.{key} is {value}: it cannot be negative", fix=f"set model.{key} to 0 or more")
+        if mask_dilation and not masked_loss:
+            raise UserError(f"model.mask_dilation is {mask_dilation} but model.masked_loss is off: the dilation "
+                            "grows the loss mask, and there is none", fix="set model.masked_loss: true (with "
+                            "data.use_masks: true), or drop model.mask_dilation")
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.strict_loading = False  # checkpoints hold only what trains (see on_save_checkpoint)
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

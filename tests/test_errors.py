@@ -169,6 +169,8 @@ def test_train_py_mistakes(tmp_path, capsys):
         ([*TRAIN, "--trainer.max_epochs", "0"], ["max_epochs 0 trains nothing"]),
         ([*TRAIN, "--data.repeats", "0"], ["data.repeats is 0"]),
         ([*TRAIN, "--model.learning_rate", "-1"], ["learning_rate is -1", "cannot be negative"]),
+        ([*TRAIN, "--model.mask_dilation", "2"], ["mask_dilation is 2 but model.masked_loss is off",
+                                                   "model.masked_loss: true"]),
         ([*TRAIN, "--model.pretrained_model", "tny"], ["'tny' does not exist"]),
         ([*TRAIN, "--ckpt_path", str(empty)], ["empty.ckpt is empty or truncated", "earlier checkpoint"]),
     ]
