@@ -45,6 +45,7 @@ class PersonalizeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         follow_run_folder(config)
+        follow_seed(config)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -110,6 +111,20 @@ def follow_run_folder(config) -> None:
         if init_args is not None and str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") \
                 and not init_args.get("dirpath"):
             init_args["dirpath"] = str(Path(root) / "checkpoints")
+
+
+def follow_seed(config) -> None:
+    """A method's and a DataModule's ``seed`` left unset take the run's ``seed_everything``
+    (resolved by then: ``true`` has become a number), so ``--seed_everything 1`` is another
+    training run (noise, timesteps, data order, augmentation), not only another global RNG
+    state, which the training draws never read. A seed given explicitly stays."""
+    seed = config.get("seed_everything") if config is not None else None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return  # seed_everything: false: the modules' own default, 0
+    for key in ("model", "data"):
+        init_args = getattr(config.get(key), "init_args", None)
+        if init_args is not None and "seed" in init_args and init_args.get("seed") is None:
+            init_args["seed"] = seed
 
 
 def check_checkpoint(path) -> None:

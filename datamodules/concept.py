@@ -303,7 +303,8 @@ class ConceptDataModule(L.LightningDataModule):
         num_validation_prompts: how many of them validation callbacks use (0: all).
         batch_size: concept images per step (each paired with a class image if any).
         num_workers: data loader workers.
-        seed: seed of crops, flips and shuffling.
+        seed: seed of crops, flips and shuffling. None (the default): train.py's
+            ``seed_everything`` (0 outside it).
     """
 
     def __init__(
@@ -330,7 +331,7 @@ class ConceptDataModule(L.LightningDataModule):
         num_validation_prompts: int = 0,
         batch_size: int = 1,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         super().__init__()
         for name, value in (("repeats", repeats), ("batch_size", batch_size), ("resolution", resolution)):
@@ -387,6 +388,7 @@ class ConceptDataModule(L.LightningDataModule):
         self.superclass = superclass.strip()
         # the resolved placeholder and superclass are linked into (and logged by) the model
         self.save_hyperparameters(ignore=["placeholder", "superclass"])
+        self.hparams["seed"] = 0 if seed is None else int(seed)
         # Read and check everything now, so bad input fails before a model is loaded.
         self.concept_images = load_concept_folder(
             concept_dir, min_size=0 if allow_upscale else resolution, require_masks=use_masks

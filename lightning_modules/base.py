@@ -100,7 +100,8 @@ class PersonalizationModule(L.LightningModule):
             as ``max-autotune``, or torch.compile keywords); static shapes, so keep the
             batch size fixed (``drop_last``) to compile once.
         seed: seed of the noise and timesteps; step ``k`` always draws the same ones,
-            so a resumed run continues exactly.
+            so a resumed run continues exactly. None (the default): train.py's
+            ``seed_everything`` (0 outside it).
     """
 
     #: the default learning rate of a method (the paper's SD value), overridable
@@ -123,12 +124,13 @@ class PersonalizationModule(L.LightningModule):
         cache_text: bool = True,
         frozen_dtype: str = "fp32",
         gradient_checkpointing: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         compile: bool | str | dict = False,
     ):
         super().__init__()
         # records this method's arguments too (Lightning collects every __init__ of the chain)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.hparams["seed"] = 0 if seed is None else int(seed)  # what the checkpoint records
         from components.compile import compile_options
 
         compile_options(compile)  # a bad value fails now, not at the first step

@@ -20,7 +20,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import ClassVar, Sequence, Union
+from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -33,13 +33,29 @@ from samplers.seeding import CellNoise, initial_latents
 #: A guidance scale: one number for every step, or one value per step.
 Scale = Union[float, Sequence[float]]
 
+#: Steps [start, stop) where a guidance scale applies (the rest sample at ω = 1), or None: every step.
+Interval = Optional[Sequence[int]]
+
 #: Prompt kinds of a branch: the empty prompt, the concept prompt, the superclass prompt.
 UNCOND, CONCEPT, SUPERCLASS = "u", "c", "s"
 
 
-def scale_at(scale: Scale, i: int) -> float:
-    """The value of a guidance scale (number or per-step schedule) at step i."""
+def scale_at(scale: Scale, i: int, interval: Interval = None) -> float:
+    """The value of a guidance scale (number or per-step schedule) at step i; outside the
+    steps ``interval = [start, stop)`` it is 1: the prompt's own prediction, unguided."""
+    if interval is not None and not interval[0] <= i < interval[1]:
+        return 1.0
     return float(scale) if isinstance(scale, Real) else float(scale[i])
+
+
+def guided(run: "Run", t: torch.Tensor, z: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
+    """u + ω(x − u), x the prediction of the prompt ``kind`` at z (eqs. 4, 5, 7). At ω = 1 that
+    is x itself: one UNet branch, no empty-prompt call (diffusers' pipelines skip it too)."""
+    if scale == 1.0:
+        (x,) = run.predict(t, [(z, kind)])
+        return x
+    u, x = run.predict(t, [(z, UNCOND), (z, kind)])
+    return u + scale * (x - u)
 
 
 @dataclass
@@ -163,6 +179,10 @@ class Sampler:
     """
 
     name: ClassVar[str] = ""
+    #: settings added after run folders and result files were written with this sampler:
+    #: :meth:`settings` leaves them out at these values, so those folders still resume and
+    #: their results still match (sample.py's run.json, evaluate.py's result keys)
+    quiet_defaults: ClassVar[dict] = {}
 
     def __init__(self, num_steps: int = 50):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -174,7 +194,8 @@ class Sampler:
     def settings(self) -> dict:
         """The constructor's arguments and their values (for manifests and tables)."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {n: _plain(getattr(self, n)) for n in names}
+        quiet = self.quiet_defaults
+        return {n: _plain(getattr(self, n)) for n in names if not (n in quiet and getattr(self, n) == quiet[n])}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
@@ -200,6 +221,19 @@ class Sampler:
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"{self.name}: {name}={value!r} is not finite")
         return float(value) if isinstance(value, Real) else [float(v) for v in values]
+
+    def check_interval(self, name: str, value: Interval) -> list[int] | None:
+        """None (every step), or [start, stop] with 0 <= start <= stop <= num_steps."""
+        if value is None:
+            return None
+        ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ok or not 0 <= value[0] <= value[1] <= self.num_steps:
+            raise ValueError(
+                f"{self.name}: {name}={value!r} must be [start, stop], the steps start <= i < stop that are "
+                f"guided, with 0 <= start <= stop <= num_steps={self.num_steps} (e.g. [0, {self.num_steps // 2}])"
+            )
+        return [int(v) for v in value]
 
     def check_step(self, name: str, value: int) -> int:
         """A step count in 0 ... num_steps (e.g. the switching step t_sw)."""

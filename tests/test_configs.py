@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -135,6 +136,23 @@ def test_every_method_config_builds_on_its_tiny_preset(method, workdir, monkeypa
                        "--data.allow_upscale", "true"])
     cli.model.configure_model()
     assert cli.model.num_trainable_parameters() > 0
+
+
+def test_seed_everything_seeds_the_training_draws(workdir, monkeypatch):
+    """--seed_everything N is another training run: the method's noise / timestep seed and the
+    DataModule's order / augmentation seed follow it unless set explicitly; the generators
+    the training draws from differ with it."""
+    monkeypatch.chdir(workdir)
+    args = [*layered(METHODS[0], ROOT / "configs" / "data" / "folder.yaml"), *CPU,
+            "--model.init_args.pretrained_model", "tiny", "--data.resolution", "32", "--data.allow_upscale", "true"]
+    seeds = {}
+    for extra in ([], ["--seed_everything", "3"], ["--seed_everything", "3", "--model.init_args.seed", "5"]):
+        cli = instantiate([*args, *extra])
+        seeds[" ".join(extra)] = (cli.model.hparams.seed, cli.datamodule.hparams.seed,
+                                  torch.randn(4, generator=cli.model._generator("noise", 0)))
+    assert [v[:2] for v in seeds.values()] == [(0, 0), (3, 3), (5, 3)]
+    first, second, _ = seeds.values()
+    assert not torch.equal(first[2], second[2])
 
 
 def test_concept_folder_and_dreambooth_subject_together_are_refused(workdir, monkeypatch, capsys):

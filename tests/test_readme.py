@@ -70,6 +70,8 @@ QUICKSTART = ("bash scripts/setup.sh && WANDB_MODE=offline .venv/bin/python trai
 SVDIFF_SDXL = ("python train.py fit --config configs/base.yaml --config configs/methods/svdiff_sdxl.yaml "
                "--config configs/data/dreambooth_dog.yaml --data.init_args.subject dog6")
 TRAINED = ["artifact/personalize.json", "checkpoints/last.ckpt"]
+PYRAMID = ("python train.py fit --config configs/quickstart.yaml --data.init_args.concept_dir "
+           "miniworld:pink_dotted_pyramid:scene:20 --trainer.default_root_dir outputs/pyramid")
 
 
 def trained(root: str) -> list[str]:
@@ -87,6 +89,15 @@ RUN: dict[str, Run] = {
     "python train.py fit --config configs/quickstart.yaml --data.init_args.concept_dir miniworld:blue_striped_star:scene:20 "
     "--trainer.default_root_dir outputs/star": Run(extra=TRAIN_SHORT, files=["outputs/star/artifact/personalize.json"],
                                                    stdout="final_concept"),
+    # the pyramid, then the concept sampler guided over its first 25 steps only (50 steps kept:
+    # the interval must fit them), scored by the judge
+    PYRAMID: Run(extra=TRAIN_SHORT, files=["outputs/pyramid/artifact/personalize.json"]),
+    "python evaluate.py --artifact outputs/pyramid/artifact --concept_dir miniworld:pink_dotted_pyramid "
+    "--sampler concept --settings.guidance 3 --settings.guidance_interval \"[0, 25]\" --num_images 2 "
+    "--clip miniworld/pretrained/clip --dino miniworld/pretrained/dino --judge miniworld/pretrained/judge "
+    "--output outputs/pyramid/interval": Run(extra=["--num_prompts", "1", "--num_images", "1"],
+                                             files=["outputs/pyramid/interval/results.csv"], stdout="identity",
+                                             needs=PYRAMID),
     "python train.py fit --help": Run(stdout="--overwrite_artifact"),
     "python train.py fit --config configs/base.yaml --config configs/methods/lora.yaml "
     "--config configs/data/dreambooth_dog.yaml": Run(extra=[*TRAIN_SHORT, "--model.init_args.pretrained_model", "tiny"],
@@ -117,6 +128,9 @@ RUN: dict[str, Run] = {
     "--set guidance_superclass=3.5 --dreambooth-prompts object --num-images 4 --seed 0 --out outputs/samples/mixed":
         Run(extra=SAMPLE_SHORT, files=["outputs/samples/mixed/manifest.jsonl", "outputs/samples/mixed/p024_i000.png"],
             needs=QUICKSTART),
+    "python sample.py --artifact outputs/quickstart/artifact --sampler concept --settings.guidance 3 "
+    "--settings.guidance_interval \"[0, 25]\" --prompts \"a {} on the beach\" --num_images 2 --out outputs/samples/interval":
+        Run(extra=["--num_images", "1"], files=["outputs/samples/interval/p000_i000.png"], needs=QUICKSTART),
     "python sample.py --model stabilityai/stable-diffusion-2-base --superclass dog "
     "--sampler-config configs/samplers/photoswap.yaml --prompts prompts.txt --out out/":
         Run(extra=["--num-images", "1"], files=["out/manifest.jsonl", "out/p000_i000.png"]),

@@ -153,6 +153,8 @@ COSTS = {  # name, settings -> (UNet evaluations per image over 4 steps, largest
     "profusion": ({}, 4 * (2 + 3), 3),
     "photoswap": ({"t_sf": 4, "t_cm": 4, "t_sm": 4}, 16, 4),
     "photoswap (superclass stops after t_sm)": ({"t_sf": 1, "t_cm": 2, "t_sm": 3}, 3 * 4 + 2, 4),
+    "concept (guided steps 0, 1 only)": ({"guidance_interval": [0, 2]}, 2 * 2 + 2 * 1, 2),
+    "concept (guidance 1: never the empty prompt)": ({"guidance": 1.0}, 4, 1),
 }
 
 
@@ -186,6 +188,9 @@ BAD = [
     ("photoswap", {"t_cm": 2.5}, "photoswap: t_cm=2.5 must be an integer"),
     ("concept", {"num_steps": 0}, "concept: num_steps=0 must be a positive integer"),
     ("concept", {"num_steps": 3, "guidance": [7, 7]}, "concept: guidance has 2 values but num_steps=3"),
+    ("concept", {"num_steps": 10, "guidance_interval": [0, 11]}, "concept: guidance_interval=[0, 11] must be [start, stop]"),
+    ("superclass", {"guidance_interval": [5, 2]}, "with 0 <= start <= stop <= num_steps=50 (e.g. [0, 25])"),
+    ("switching", {"guidance_interval": 25}, "switching: guidance_interval=25 must be [start, stop]"),
 ]
 
 
@@ -201,6 +206,9 @@ def test_settings_round_trip():
     settings = sampler.settings()
     assert settings["q"] == 0.5 and settings["guidance_concept"] == [1.0] * 20 and settings["t_sw"] == 3
     assert build_sampler(sampler.name, **settings).settings() == settings
+    # a setting added later is left out at its default: folders and results made before it still match
+    assert build_sampler("concept", guidance=3.0).settings() == {"num_steps": 50, "guidance": 3.0}
+    assert build_sampler("concept", guidance_interval=[0, 25]).settings()["guidance_interval"] == [0, 25]
 
 
 def test_per_step_guidance_schedule(model):
@@ -208,6 +216,19 @@ def test_per_step_guidance_schedule(model):
     torch.testing.assert_close(constant, run(model, "mixed").images, atol=0, rtol=0)
     ramp = run(model, "mixed", guidance_concept=[3.5, 3.5, 3.5, 0.0], guidance_superclass=3.5).images
     assert (ramp - constant).abs().max() > 1e-4
+
+
+def test_guidance_interval_is_the_schedule_with_one_outside(model):
+    """[start, stop] is the per-step schedule that is ω inside and 1 outside, bit for bit; and
+    a step at ω = 1 (c alone) agrees with u + 1·(c − u) up to rounding."""
+    interval = run(model, "concept", guidance=5.0, guidance_interval=[1, 3]).images
+    schedule = run(model, "concept", guidance=[1.0, 5.0, 5.0, 1.0]).images
+    torch.testing.assert_close(interval, schedule, atol=0, rtol=0)
+    assert (interval - run(model, "concept", guidance=5.0).images).abs().max() > 1e-4
+    assert build_sampler("concept", guidance_interval=(0, 25)).settings()["guidance_interval"] == [0, 25]
+    unguided = run(model, "concept", guidance=1.0).images  # c alone, one branch per step
+    three_branches = run(model, "mixed", guidance_concept=1.0, guidance_superclass=0.0).images  # u + 0(s − u) + 1(c − u)
+    torch.testing.assert_close(unguided, three_branches, atol=1e-5, rtol=0)
 
 
 def test_templates_need_a_slot(model):

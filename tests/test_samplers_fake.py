@@ -143,10 +143,24 @@ def test_guidance_formulas_step_by_step(name, settings, expected):
         torch.testing.assert_close(eps, expected(u, c, s, i), atol=1e-5, rtol=0)
         assert call[1] == t and torch.equal(call[0].view(-1, 4, *z.shape[1:])[0], z)  # the UNet saw z_t at t
     branch_kinds = [kinds_of(c) for c in calls]
+    if name == "concept":  # W[0] = 1: u + 1(c − u) is c, so step 0 makes no empty-prompt call
+        assert branch_kinds == [["c"], ["u", "c"], ["u", "c"], ["u", "c"]]
     if name == "switching":
-        assert branch_kinds == [["u", "s"], ["u", "s"], ["u", "c"], ["u", "c"]]
+        assert branch_kinds == [["s"], ["u", "s"], ["u", "c"], ["u", "c"]]
     if name == "multistage":
         assert branch_kinds == [["u", "s"], ["u", "s"], ["u", "c", "s"], ["u", "c", "s"]]
+
+
+@pytest.mark.parametrize("name, kind", [("concept", "c"), ("superclass", "s"), ("switching", "c")])
+def test_guidance_interval_guides_only_its_steps(name, kind):
+    """guidance_interval [1, 3]: steps 1 and 2 are guided (u + ω(x − u), two branches); steps
+    0 and 3 take x alone, in a one-branch UNet call."""
+    settings = dict(guidance=W2, guidance_interval=[1, 3], **({"t_sw": 0} if name == "switching" else {}))
+    _, records, calls = sample(name, **settings)
+    for i, ((eps, t, z), call) in enumerate(zip(records, calls)):
+        x, u = fake_pred(z, kind, t), fake_pred(z, "u", t)
+        torch.testing.assert_close(eps, u + W2[i] * (x - u) if 1 <= i < 3 else x, atol=1e-5, rtol=0)
+    assert [kinds_of(c) for c in calls] == [[kind], ["u", kind], ["u", kind], [kind]]
 
 
 def test_masked_formula_inside_and_outside_the_mask():
