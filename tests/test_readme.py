@@ -54,6 +54,9 @@ TRAIN_SHORT = ["--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--tr
                "--model.init_args.frozen_dtype", "fp32", "--data.init_args.resolution", "32",
                "--data.init_args.repeats", "1"]
 SAMPLE_SHORT = ["--num-images", "1", "--set", "num_steps=2"]
+#: the quickstart config on another concept: its final score (the last callback, which a
+#: list option's init_args set) reads the first prompt only
+FINAL_SHORT = [*TRAIN_SHORT, "--trainer.callbacks.init_args.num_prompts", "1"]
 
 
 @dataclass
@@ -87,11 +90,11 @@ RUN: dict[str, Run] = {
                            "outputs/quickstart/wandb"]),
     # the quickstart on another concept: the final score (the judge's, for the star) still prints
     "python train.py fit --config configs/quickstart.yaml --data.init_args.concept_dir miniworld:blue_striped_star:scene:20 "
-    "--trainer.default_root_dir outputs/star": Run(extra=TRAIN_SHORT, files=["outputs/star/artifact/personalize.json"],
+    "--trainer.default_root_dir outputs/star": Run(extra=FINAL_SHORT, files=["outputs/star/artifact/personalize.json"],
                                                    stdout="final_concept"),
     # the pyramid, then the concept sampler guided over its first 25 steps only (50 steps kept:
     # the interval must fit them), scored by the judge
-    PYRAMID: Run(extra=TRAIN_SHORT, files=["outputs/pyramid/artifact/personalize.json"]),
+    PYRAMID: Run(extra=FINAL_SHORT, files=["outputs/pyramid/artifact/personalize.json"]),
     "python evaluate.py --artifact outputs/pyramid/artifact --concept_dir miniworld:pink_dotted_pyramid "
     "--sampler concept --settings.guidance 3 --settings.guidance_interval \"[0, 25]\" --num_images 2 "
     "--clip miniworld/pretrained/clip --dino miniworld/pretrained/dino --judge miniworld/pretrained/judge "
