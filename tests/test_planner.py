@@ -65,6 +65,20 @@ def test_switching_shares_superclass_prefix_exactly(model):
     assert planner.stats.rows == 2 * n * b + b + 2 * (n - 3) * b
 
 
+def test_guidance_intervals_share_their_common_prefix(model):
+    """A sweep over guidance_interval: the full run and [0, 2] share steps 0-1 (guided, 2B
+    rows once); from step 2 the interval run takes c alone (B rows per step), whose first
+    prediction is the full run's c at the fork. The images are the unshared runs'."""
+    n, b = 4, len(CELLS)
+    samplers = [build_sampler("concept", num_steps=n), build_sampler("concept", num_steps=n, guidance_interval=[0, 2])]
+    planner = SweepPlanner(unet_batch=64)
+    planned = planner.sample(model, [(s, CELLS) for s in samplers], seed=0, batch_size=b)
+    assert planner.stats.naive_rows == 2 * n * b + (2 * 2 + 2) * b
+    assert planner.stats.rows == 2 * n * b + b  # the interval run: only its step 3 is new
+    for sampler, out in zip(samplers, planned):
+        assert (out.images - sampler.sample_cells(model, CELLS, seed=0, batch_size=b).images).abs().max() <= 1e-5
+
+
 def test_a_subclass_without_its_own_step_key_shares_only_step_zero(model):
     """A variant that changes the formula but inherits step_key must not reuse its parent's
     trajectory: only the predictions at x_T are shared."""
