@@ -179,10 +179,10 @@ class Sampler:
     """
 
     name: ClassVar[str] = ""
-    #: settings added after run folders and result files were written with this sampler:
-    #: :meth:`settings` leaves them out at these values, so those folders still resume and
-    #: their results still match (sample.py's run.json, evaluate.py's result keys)
-    quiet_defaults: ClassVar[dict] = {}
+    #: settings added after run folders and result files were written with the samplers that
+    #: take them: :meth:`settings` leaves them out at these values, so those folders still
+    #: resume and their results still match (sample.py's run.json, evaluate.py's result keys)
+    quiet_defaults: ClassVar[dict] = {"guidance_interval": None}
 
     def __init__(self, num_steps: int = 50):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:

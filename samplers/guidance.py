@@ -23,7 +23,6 @@ class ConceptSampler(Sampler):
     steps is what bleaches light bodies under dark marks (README)."""
 
     name = "concept"
-    quiet_defaults = {"guidance_interval": None}  # added later: older runs' settings stay the same
 
     def __init__(self, num_steps: int = 50, guidance: Scale = 7.0, guidance_interval: Interval = None):
         super().__init__(num_steps)
@@ -43,7 +42,6 @@ class SuperclassSampler(Sampler):
     ``guidance_interval`` as the concept sampler's."""
 
     name = "superclass"
-    quiet_defaults = {"guidance_interval": None}  # added later: older runs' settings stay the same
 
     def __init__(self, num_steps: int = 50, guidance: Scale = 7.0, guidance_interval: Interval = None):
         super().__init__(num_steps)
@@ -84,7 +82,6 @@ class SwitchingSampler(Sampler):
     the concept sampler's."""
 
     name = "switching"
-    quiet_defaults = {"guidance_interval": None}  # added later: older runs' settings stay the same
 
     def __init__(self, num_steps: int = 50, guidance: Scale = 7.0, t_sw: int = 7, guidance_interval: Interval = None):
         super().__init__(num_steps)
