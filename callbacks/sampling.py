@@ -5,7 +5,9 @@ grid per sampler (rows prompts, columns seeds; uint8) to every logger of the tra
 For a MiniWorld concept, ``judge: miniworld/pretrained/judge`` adds the world's ground
 truth, ``val/<sampler>/identity`` and ``val/<sampler>/prompt`` (shares of images showing
 the concept / what the prompt asks; :mod:`miniworld.metrics`); ``print_values: true``
-prints every run's figures.
+prints every run's figures. ``choose`` first picks, per concept, one of several settings
+of a sampler by how much its images look like the concept's own (DINO or CLIP, no ground
+truth), and scores that one (the quickstart: ω = 3 at every step or over the first 25).
 
 The (prompt, seed) cells are sharded across ranks (rank r takes cells i % world == r);
 the metrics all-reduce their sums and counts, and rank 0 gathers the images for the
@@ -30,7 +32,7 @@ import random
 import traceback
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -49,7 +51,14 @@ from metrics import DEFAULT_CLIP, DEFAULT_DINO, ConceptMetrics, ReferenceCache, 
 @dataclass
 class _Entry:
     name: str  # the key in val/<name>/...
-    sampler: object
+    sampler: object  # the sampler this run scores (the chosen candidate, with ``choose``)
+    kind: str = ""  # the sampler's registry name
+    settings: dict = field(default_factory=dict)  # as the spec gives them
+    candidates: list = field(default_factory=list)  # (overrides, sampler) pairs of ``choose``
+
+
+#: metrics ``choose_by`` can name: the proxies that need no ground truth
+CHOICE_METRICS = ("dino", "clip_i", "clip_t")
 
 
 def _build_entries(specs) -> list[_Entry]:
@@ -62,10 +71,41 @@ def _build_entries(specs) -> list[_Entry]:
         label, name, settings = parse_sampler_spec(spec)
         seen[label] = seen.get(label, 0) + 1
         label = label if seen[label] == 1 else f"{label}_{seen[label]}"
-        entries.append(_Entry(label, build_sampler(name, **settings)))
+        entries.append(_Entry(label, build_sampler(name, **settings), name, dict(settings)))
     if not entries:
         raise ValueError("SamplerValidation needs at least one sampler, e.g. samplers: [concept].")
     return entries
+
+
+def _add_candidates(entries: list[_Entry], choose: dict) -> None:
+    """Build and validate every candidate of ``choose`` now, before training."""
+    from samplers import build_sampler
+
+    if not isinstance(choose, dict):
+        raise ValueError(f"SamplerValidation choose={choose!r}: give a mapping from a sampler of this callback to "
+                         "its candidate settings, e.g. {concept: [{}, {guidance_interval: [0, 25]}]}.")
+    by_name = {e.name: e for e in entries}
+    unknown = sorted(set(choose) - set(by_name))
+    if unknown:
+        raise ValueError(f"SamplerValidation choose names no sampler of this callback: {unknown}; "
+                         f"the samplers are {list(by_name)}.")
+    for name, candidates in choose.items():
+        if (not isinstance(candidates, (list, tuple)) or len(candidates) < 2
+                or not all(isinstance(c, dict) for c in candidates)):
+            raise ValueError(f"SamplerValidation choose.{name}: give a list of at least two mappings of settings "
+                             "({} is the sampler as given), e.g. [{}, {guidance_interval: [0, 25]}].")
+        e = by_name[name]
+        for overrides in candidates:
+            try:
+                sampler = build_sampler(e.kind, **{**e.settings, **overrides})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"SamplerValidation choose.{name} candidate {overrides}: {err}") from None
+            e.candidates.append((dict(overrides), sampler))
+
+
+def candidate_label(overrides: dict) -> str:
+    """``guidance_interval=[0, 25]``; ``as given`` for the sampler's own settings."""
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "as given"
 
 
 class SamplerValidation(L.Callback):
@@ -101,6 +141,20 @@ class SamplerValidation(L.Callback):
             the quickstart's ``val/images`` grid is the concept sampler's grid of this run,
             so the concept images are rendered once (no separate ImageGridLogger). Loggers
             only: the PNG in ``images/`` is the sampler's own (``val_concept_grid_*.png``).
+        choose: per sampler of this callback, settings to choose from at each run, e.g.
+            ``{final_concept: [{}, {guidance_interval: [0, 25]}]}`` (``{}``: the sampler as
+            given; any other mapping overrides some of its settings). Before scoring, every
+            candidate draws the same prompts × ``choose_images`` images from latents of its
+            own seed (``choose_seed``: not the scored images); the one whose images score
+            highest on ``choose_by`` is scored and logged under the sampler's name. The
+            choice sees no ground truth (not the judge). Logged: ``val/<name>/chosen`` (the
+            candidate's index) and ``val/<name>/choice_<k>_<choose_by>``; written:
+            ``<log_dir>/samplers/<name>.yaml``, the chosen sampler as a sampler YAML
+            (``sample.py --sampler_config``). The candidates share their common
+            trajectory prefix (``evaluation.planner.SweepPlanner``).
+        choose_by: ``dino`` (similarity to the concept's images), ``clip_i`` or ``clip_t``.
+        choose_images: images per prompt for the choice.
+        choose_seed: base seed of the choice's latents.
     """
 
     def __init__(
@@ -125,6 +179,10 @@ class SamplerValidation(L.Callback):
         print_values: bool = False,
         compile: bool | str | dict = False,
         grid_aliases: dict[str, str] | None = None,
+        choose: dict[str, list[dict]] | None = None,
+        choose_by: str = "dino",
+        choose_images: int = 1,
+        choose_seed: int = 1000,
     ):
         from components.compile import compile_options
 
@@ -148,6 +206,17 @@ class SamplerValidation(L.Callback):
         self.clip, self.dino, self.clip_backend, self.clip_t_text = clip, dino, clip_backend, clip_t_text
         self.reference_images, self.superclass, self.run_on_validate = reference_images, superclass, run_on_validate
         self.judge, self.print_values, self.at_train_end = judge, print_values, at_train_end
+        if choose:
+            _add_candidates(self.entries, choose)
+            if choose_by not in CHOICE_METRICS:
+                raise ValueError(f"SamplerValidation choose_by={choose_by!r}: choose by one of {', '.join(CHOICE_METRICS)} "
+                                 "(the judge's figures are what the choice is checked against, never what it uses).")
+            if not (dino if choose_by == "dino" else clip):
+                raise ValueError(f"SamplerValidation choose_by={choose_by}: set {'dino' if choose_by == 'dino' else 'clip'} "
+                                 "to its backbone, or choose by the other metric.")
+            if choose_images < 1:
+                raise ValueError(f"choose_images={choose_images} must be >= 1.")
+        self.choose_by, self.choose_images, self.choose_seed = choose_by, choose_images, choose_seed
         if judge is not None and not (Path(judge) / "judge.safetensors").is_file():
             raise ValueError(f"SamplerValidation judge={judge!r} is not a MiniWorld judge folder (no judge.safetensors): "
                              "use miniworld/pretrained/judge, or leave judge unset.")
@@ -183,17 +252,22 @@ class SamplerValidation(L.Callback):
         self._last_step = trainer.global_step
         world = trainer.world_size
         local: dict = {}
-        failed = False
         with preserved_state(pl_module):
-            try:
-                local = self._sample_and_score(trainer, pl_module)
-            except Exception:  # noqa: BLE001 - validation must never end the training run
-                failed = True
-                warnings.warn(f"SamplerValidation failed on rank {trainer.global_rank} at step {trainer.global_step}; "
-                              f"training goes on.\n{traceback.format_exc()}", stacklevel=2)
-            if trainer.strategy.reduce_boolean_decision(failed, all=False):  # failed on any rank
-                if not failed:
-                    rank_zero_warn("SamplerValidation skipped: validation failed on another rank.")
+            choice: dict[str, float] = {}
+            if any(e.candidates for e in self.entries):  # choose first: the score is the chosen sampler's
+                if not self._guarded(trainer, "choice", lambda: self._sample_choices(trainer, pl_module)):
+                    return {}
+                try:  # all ranks reach this point: the metrics all-reduce
+                    choice = self._choose()
+                except Exception:  # noqa: BLE001
+                    rank_zero_warn(f"SamplerValidation could not choose at step {trainer.global_step}; training goes on.\n"
+                                   f"{traceback.format_exc()}")
+                    return {}
+
+            def score():
+                local.update(self._sample_and_score(trainer, pl_module))
+
+            if not self._guarded(trainer, "sampling", score):
                 return {}
             # a sampler that failed on any rank is left out on every rank (compute() all-reduces)
             local["failed"] = {e.name for e in self.entries
@@ -201,10 +275,26 @@ class SamplerValidation(L.Callback):
             for name in local["failed"]:
                 local["images"].pop(name, None)
             try:
-                return self._reduce_and_log(trainer, pl_module, local, world, at_end)
+                return self._reduce_and_log(trainer, pl_module, local, world, at_end, choice)
             except Exception:  # noqa: BLE001
                 rank_zero_warn(f"SamplerValidation could not log at step {trainer.global_step}; training goes on.\n{traceback.format_exc()}")
                 return {}
+
+    @staticmethod
+    def _guarded(trainer, what: str, work) -> bool:
+        """Run this rank's share of ``work``; False (on every rank) if it failed on any rank."""
+        failed = False
+        try:
+            work()
+        except Exception:  # noqa: BLE001 - validation must never end the training run
+            failed = True
+            warnings.warn(f"SamplerValidation {what} failed on rank {trainer.global_rank} at step {trainer.global_step}; "
+                          f"training goes on.\n{traceback.format_exc()}", stacklevel=3)
+        if trainer.strategy.reduce_boolean_decision(failed, all=False):  # failed on any rank
+            if not failed:
+                rank_zero_warn(f"SamplerValidation skipped: {what} failed on another rank.")
+            return False
+        return True
 
     def templates(self, trainer) -> list[str]:
         templates = self.prompts
@@ -228,6 +318,7 @@ class SamplerValidation(L.Callback):
         return self._reference_tensors
 
     def _build_metrics(self, device) -> dict[str, ConceptMetrics]:
+        """The metrics of each sampler; and of each ``choose`` candidate (no judge) in ``self._choice_metrics``."""
         clip = load_clip_backbone(self.clip, backend=self.clip_backend) if self.clip else None
         dino = load_dino_backbone(self.dino) if self.dino else None
         judge = None
@@ -235,9 +326,76 @@ class SamplerValidation(L.Callback):
             from miniworld.judge import load_judge
 
             judge = load_judge(self.judge)
-        return {e.name: ConceptMetrics(clip=None, dino=None, clip_backend=self.clip_backend, clip_t_mode=self.clip_t_text,
-                                       cache=self._cache, clip_backbone=clip, dino_backbone=dino, judge_model=judge).to(device)
-                for e in self.entries}
+
+        def metrics(judge_model):
+            return ConceptMetrics(clip=None, dino=None, clip_backend=self.clip_backend, clip_t_mode=self.clip_t_text,
+                                  cache=self._cache, clip_backbone=clip, dino_backbone=dino, judge_model=judge_model).to(device)
+
+        self._choice_metrics = {e.name: [metrics(None) for _ in e.candidates] for e in self.entries if e.candidates}
+        return {e.name: metrics(judge) for e in self.entries}
+
+    @torch.no_grad()
+    def _sample_choices(self, trainer, pl_module) -> None:
+        """This rank's share of the choice: every candidate samples the same cells (latents
+        of ``choose_seed``), together, and its metrics take the images."""
+        from evaluation.planner import SweepPlanner
+
+        if self._metrics is None:
+            self._metrics = self._build_metrics(pl_module.device)
+        cells = [(t, i) for t in self.templates(trainer) for i in range(self.choose_images)]
+        mine = cells[trainer.global_rank :: trainer.world_size]
+        reference = self._reference(trainer)
+        superclass = self.superclass or pl_module.superclass
+        pl_module.eval()
+        for e in self.entries:
+            if not e.candidates:
+                continue
+            for m in self._choice_metrics[e.name]:
+                m.to(pl_module.device)
+                m.set_concept(reference, superclass)  # no ground truth: the choice never sees the judge
+            if not mine:
+                continue
+            samplers = [sampler for _, sampler in e.candidates]
+            for sampler in samplers:
+                if hasattr(sampler, "use_concept") and trainer.datamodule is not None:
+                    sampler.use_concept(getattr(trainer.datamodule, "concept_dir", None))
+            planner = SweepPlanner(unet_batch=2 * self.batch_size)
+            with compiled_unet(pl_module.components.unet, self.compile, self._compiled):
+                outs = planner.sample(pl_module, [(sampler, mine) for sampler in samplers], seed=self.choose_seed,
+                                      batch_size=self.batch_size)
+            for m, out in zip(self._choice_metrics[e.name], outs):
+                m.update(out.images, out.templates)
+
+    def _choose(self) -> dict[str, float]:
+        """Every rank: the candidates' scores (all-reduced), the best made each sampler's
+        sampler for this run; the values to log."""
+        values: dict[str, float] = {}
+        for e in self.entries:
+            if not e.candidates:
+                continue
+            scores = [m.compute()[self.choose_by] for m in self._choice_metrics[e.name]]
+            best = max(range(len(scores)), key=lambda k: scores[k])  # the first of equals
+            e.sampler = e.candidates[best][1]
+            values[f"val/{e.name}/chosen"] = float(best)
+            values.update({f"val/{e.name}/choice_{k}_{self.choose_by}": v for k, v in enumerate(scores)})
+        return values
+
+    def _write_choice(self, e: _Entry, best: int, scores: list[float], folder: Path, step: int) -> None:
+        """The chosen sampler as a sampler YAML, and a line saying why."""
+        import yaml
+
+        from components.atomic import atomic_path
+
+        overrides = e.candidates[best][0]
+        config = {"sampler": e.kind, **e.settings, **overrides}
+        path = folder / "samplers" / f"{e.name}.yaml"
+        why = ", ".join(f"{candidate_label(o)} {v:.3f}" for (o, _), v in zip(e.candidates, scores))
+        with atomic_path(path) as tmp:
+            tmp.write_text(f"# chosen at step {step} by {self.choose_by}, {self.choose_images} image(s) per prompt "
+                           f"(seed {self.choose_seed}): {why}\n" + yaml.safe_dump(config, sort_keys=False))
+        if self.print_values:
+            print(f"[validation step {step}] {e.name}: chose {candidate_label(overrides)} by {self.choose_by} ({why}); "
+                  f"as a sampler YAML: {path}", flush=True)
 
     def _truth(self, trainer):
         """The MiniWorld concept's ground-truth object, for the judge's identity accuracy."""
@@ -290,8 +448,9 @@ class SamplerValidation(L.Callback):
             local["cost"][e.name] = out.cost
         return local
 
-    def _reduce_and_log(self, trainer, pl_module, local: dict, world: int, at_end: bool = False) -> dict[str, float]:
-        values: dict[str, float] = {}
+    def _reduce_and_log(self, trainer, pl_module, local: dict, world: int, at_end: bool = False,
+                        choice: dict[str, float] | None = None) -> dict[str, float]:
+        values: dict[str, float] = dict(choice or {})
         for e in self.entries:  # the same order on every rank: compute() all-reduces
             if e.name in local.get("failed", ()):
                 continue
@@ -313,9 +472,14 @@ class SamplerValidation(L.Callback):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
+        for e in self.entries:
+            if e.candidates and f"val/{e.name}/chosen" in values:
+                scores = [values[f"val/{e.name}/choice_{k}_{self.choose_by}"] for k in range(len(e.candidates))]
+                self._write_choice(e, int(values[f"val/{e.name}/chosen"]), scores, Path(log_dir), step)
         if self.print_values:
             for e in self.entries:
-                mine = {k.rsplit("/", 1)[1]: v for k, v in values.items() if k.startswith(f"val/{e.name}/")}
+                mine = {k.rsplit("/", 1)[1]: v for k, v in values.items() if k.startswith(f"val/{e.name}/")
+                        and not k.rsplit("/", 1)[1].startswith(("chosen", "choice_"))}  # printed with the choice
                 text = " ".join(f"{k} {100 * v:.1f}%" if k in ("identity", "prompt") else f"{k} {v:.3f}"
                                 for k, v in mine.items())
                 print(f"[validation step {step}] {e.name}: {text}", flush=True)

@@ -203,7 +203,8 @@ def test_preserved_state_restores_module_and_rng():
 
 
 class _DumpOnEnd(L.Callback):
-    """Each rank writes what the validation callback logged; rank 0 also scores all cells alone."""
+    """Each rank writes what the validation callback logged; rank 0 also scores all cells
+    alone, with the sampler the callback scored (with ``choose``: the chosen one)."""
 
     def __init__(self, cb, out_dir):
         self.cb, self.out_dir = cb, out_dir
@@ -224,21 +225,24 @@ class _DumpOnEnd(L.Callback):
 
 
 def test_sharded_over_two_ddp_ranks_equals_one_process(tmp_path):
-    """DDP on 2 CPU processes: 3 prompts split 2 + 1, metrics all-reduced, images gathered."""
+    """DDP on 2 CPU processes: 3 prompts split 2 + 1, metrics all-reduced, images gathered;
+    with ``choose``, every rank makes the same choice from the all-reduced scores."""
     from lightning.pytorch.loggers import CSVLogger
 
     L.seed_everything(0)
     dm = ConceptDataModule(concept_dir="demo", resolution=32, batch_size=1, repeats=2)
     model = DreamBooth(pretrained_model="tiny", superclass=dm.superclass, learning_rate=1e-4)
     cb = SamplerValidation(samplers=SAMPLERS[1:], clip="tiny", dino="tiny", num_prompts=3, num_images=1,
-                           every_n_steps=2, every_n_epochs=None)
+                           every_n_steps=2, every_n_epochs=None, choose={"mixed": [{"guidance_concept": 1.0}, {}]})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=2, logger=CSVLogger(str(tmp_path)),
                         callbacks=[cb, _DumpOnEnd(cb, tmp_path)], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     trainer.fit(model, dm)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert set(r0["values"]) == {"val/mixed/clip_i", "val/mixed/clip_t", "val/mixed/dino"}
-    assert r0["values"] == r1["values"]  # every rank holds the synced values
+    assert set(r0["values"]) == {"val/mixed/clip_i", "val/mixed/clip_t", "val/mixed/dino", "val/mixed/chosen",
+                                 "val/mixed/choice_0_dino", "val/mixed/choice_1_dino"}
+    assert r0["values"] == r1["values"]  # every rank holds the synced values, and the same choice
+    assert r0["values"]["val/mixed/chosen"] == int(r0["values"]["val/mixed/choice_1_dino"] > r0["values"]["val/mixed/choice_0_dino"])
     for k, v in r0["single"].items():
         assert r0["values"][f"val/mixed/{k}"] == pytest.approx(v, abs=1e-5)
     grid = np.asarray(Image.open(Path(r0["log_dir"]) / "images" / "val_mixed_grid_step000002.png"))
@@ -297,3 +301,73 @@ def test_at_train_end_scores_the_averaged_weights(tmp_path):
     assert len(seen) == 1 and torch.equal(seen[0], module.unet.conv_in.weight)
     assert not torch.equal(seen[0], last_step["w"])  # the average, not the last step's weights
     assert set(cb.last_values) >= {"val/concept/clip_i", "val/concept/clip_t"}
+
+
+def test_choose_scores_the_candidate_that_looks_most_like_the_concept(tmp_path):
+    """``choose``: every candidate samples the choice cells (latents of choose_seed); the
+    logged scores are each candidate's DINO over them, scored alone; the best is scored
+    under the sampler's name and written as a sampler YAML. Listed in the other order, the
+    same candidate wins (its index changes): the choice follows the scores, not the order.
+    The tiny backbones tell the candidates apart by little, but by far more than rounding."""
+    from metrics import ConceptMetrics
+    from samplers.registry import sampler_from_config
+
+    base = {"sampler": "concept", "num_steps": 4, "guidance": 3.0}
+    candidates = [{"guidance": 100.0}, {}, {"guidance": 30.0, "guidance_interval": [0, 2]}]  # DINO apart by > 5e-4
+    kw = dict(samplers=[base], choose={"concept": candidates}, choose_seed=7, choose_images=2, at_train_end=True, **TINY)
+    cb = SamplerValidation(**kw)
+    _, trainer = _fit(tmp_path, [cb], steps=1)
+    module = trainer.lightning_module
+    module.eval()
+    templates = cb.templates(trainer)
+    dino, scored = [], {}
+    for overrides in candidates:
+        sampler = cb.entries[0].candidates[len(dino)][1]
+        assert sampler.settings() == _merged_settings(base, overrides)
+        cm = ConceptMetrics(clip="tiny", dino="tiny", sync_on_compute=False)
+        cm.set_concept(cb._reference_tensors, module.superclass)
+        out = sampler.sample_cells(module, [(t, i) for t in templates for i in range(2)], seed=7)
+        cm.update(out.images, out.templates)
+        dino.append(cm.compute()["dino"])
+        cm.set_concept(cb._reference_tensors, module.superclass)
+        out = sampler.sample_cells(module, [(t, i) for t in templates for i in range(2)], seed=0)  # the scored cells
+        cm.update(out.images, out.templates)
+        scored[len(dino) - 1] = cm.compute()
+    assert len(set(round(v, 4) for v in dino)) == 3  # the candidates draw different images
+    best = int(np.argmax(dino))
+    values = cb.last_values
+    for k, v in enumerate(dino):
+        assert values[f"val/concept/choice_{k}_dino"] == pytest.approx(v, abs=1e-4)
+    assert values["val/concept/chosen"] == best
+    for name, v in scored[best].items():  # the score is the chosen candidate's
+        assert values[f"val/concept/{name}"] == pytest.approx(v, abs=1e-5)
+    written = sampler_from_config(tmp_path / "samplers" / "concept.yaml")
+    assert written.settings() == cb.entries[0].candidates[best][1].settings()
+
+    rotated = SamplerValidation(**{**kw, "choose": {"concept": candidates[1:] + candidates[:1]}})
+    rotated.run(trainer, module, at_end=True)  # after fit, as at_train_end runs it
+    assert rotated.last_values["val/concept/chosen"] == (best - 1) % 3
+    assert rotated.last_values["val/concept/dino"] == pytest.approx(values["val/concept/dino"], abs=1e-5)
+
+
+def _merged_settings(base: dict, overrides: dict) -> dict:
+    """The settings of the sampler ``base`` with ``overrides``, built alone."""
+    from samplers import build_sampler
+
+    settings = {k: v for k, v in {**base, **overrides}.items() if k != "sampler"}
+    return build_sampler(base["sampler"], **settings).settings()
+
+
+def test_choose_is_validated_before_training():
+    concept = [{"sampler": "concept", "num_steps": 10}]
+    with pytest.raises(ValueError, match="names no sampler"):
+        SamplerValidation(samplers=concept, clip="tiny", dino="tiny", choose={"mixed": [{}, {"guidance": 2}]})
+    with pytest.raises(ValueError, match="at least two"):
+        SamplerValidation(samplers=concept, clip="tiny", dino="tiny", choose={"concept": [{}]})
+    with pytest.raises(ValueError, match=r"candidate \{'guidance_interval': \[0, 40\]\}"):
+        SamplerValidation(samplers=concept, clip="tiny", dino="tiny", choose={"concept": [{}, {"guidance_interval": [0, 40]}]})
+    with pytest.raises(ValueError, match="choose by one of dino, clip_i, clip_t"):
+        SamplerValidation(samplers=concept, clip="tiny", dino="tiny", choose={"concept": [{}, {"guidance": 2}]},
+                          choose_by="identity")
+    with pytest.raises(ValueError, match="set dino"):
+        SamplerValidation(samplers=concept, clip="tiny", dino=None, choose={"concept": [{}, {"guidance": 2}]})

@@ -75,9 +75,21 @@ def test_quickstart_leaves_run_checkpoint_and_artifact(tmp_path):
             values = metric_values(run, f"val/{sampler}/{metric}")
             # one value (the offline file holds it twice: the history row and the run summary)
             assert len(set(values)) == 1 and 0 <= values[0] <= 1, (sampler, metric, values)
-        shown = [line for line in proc.stdout.splitlines() if f"] {sampler}: " in line]
+        shown = [line for line in proc.stdout.splitlines() if f"] {sampler}: " in line and ": chose " not in line]
         identity = metric_values(run, f"val/{sampler}/identity")[0]
         assert len(shown) == 1 and f"identity {100 * identity:.1f}%" in shown[0], shown
+    # the concept sampler's schedule, chosen first by DINO (no judge): printed, logged, written as a sampler YAML
+    assert list(final["choose"]) == ["final_concept"] and final["choose_by"] == "dino"
+    chose = [line for line in proc.stdout.splitlines() if "] final_concept: chose " in line]
+    chosen = metric_values(run, "val/final_concept/chosen")
+    assert len(chose) == 1 and len(set(chosen)) == 1, (chose, chosen)
+    from samplers.registry import load_sampler_config
+    from callbacks.sampling import candidate_label
+
+    overrides = final["choose"]["final_concept"][int(chosen[0])]
+    assert f"chose {candidate_label(overrides)} by dino" in chose[0]
+    name, settings = load_sampler_config(out / "samplers" / "final_concept.yaml")
+    assert name == "concept" and settings == {"guidance": 3.0, **overrides}
     assert (out / "checkpoints" / "last.ckpt").exists()
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert list(ckpt["state_dict"]) == ["embeddings"]  # only what trains: HiFi Tuner's learned vectors

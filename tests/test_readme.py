@@ -134,6 +134,10 @@ RUN: dict[str, Run] = {
     "python sample.py --artifact outputs/quickstart/artifact --sampler concept --settings.guidance 3 "
     "--settings.guidance_interval \"[0, 25]\" --prompts \"a {} on the beach\" --num_images 2 --out outputs/samples/interval":
         Run(extra=["--num_images", "1"], files=["outputs/samples/interval/p000_i000.png"], needs=QUICKSTART),
+    # the sampler the quickstart's final score chose, as the sampler YAML it wrote
+    "python sample.py --artifact outputs/quickstart/artifact --sampler_config outputs/quickstart/samplers/final_concept.yaml "
+    "--prompts \"a {} on the beach\" --num_images 2 --out outputs/samples/chosen":
+        Run(extra=["--num_images", "1"], files=["outputs/samples/chosen/p000_i000.png"], needs=QUICKSTART),
     "python sample.py --model stabilityai/stable-diffusion-2-base --superclass dog "
     "--sampler-config configs/samplers/photoswap.yaml --prompts prompts.txt --out out/":
         Run(extra=["--num-images", "1"], files=["out/manifest.jsonl", "out/p000_i000.png"]),
