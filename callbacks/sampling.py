@@ -327,12 +327,14 @@ class SamplerValidation(L.Callback):
 
             judge = load_judge(self.judge)
 
-        def metrics(judge_model):
+        def metrics(clip, dino, judge_model):
             return ConceptMetrics(clip=None, dino=None, clip_backend=self.clip_backend, clip_t_mode=self.clip_t_text,
                                   cache=self._cache, clip_backbone=clip, dino_backbone=dino, judge_model=judge_model).to(device)
 
-        self._choice_metrics = {e.name: [metrics(None) for _ in e.candidates] for e in self.entries if e.candidates}
-        return {e.name: metrics(judge) for e in self.entries}
+        by_dino = self.choose_by == "dino"  # a candidate's metrics: only the backbone the choice reads
+        self._choice_metrics = {e.name: [metrics(None if by_dino else clip, dino if by_dino else None, None)
+                                         for _ in e.candidates] for e in self.entries if e.candidates}
+        return {e.name: metrics(clip, dino, judge) for e in self.entries}
 
     @torch.no_grad()
     def _sample_choices(self, trainer, pl_module) -> None:
