@@ -5,7 +5,6 @@ import glob
 import hashlib
 import json
 import random
-import struct
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 
 from callbacks.sampling import SamplerValidation, preserved_state
+from wandb_offline import history
 
 pytest.importorskip("lightning_modules")
 from datamodules.concept import ConceptDataModule  # noqa: E402
@@ -67,31 +67,10 @@ def _wandb_history(run_dir: Path, wait_for: str, timeout: float = 60.0) -> list[
     """
     deadline = time.monotonic() + timeout
     while True:
-        rows = _read_history(run_dir)
+        rows = history(run_dir)
         if any(wait_for in r for r in rows) or time.monotonic() > deadline:
             return rows
         time.sleep(0.25)
-
-
-def _read_history(run_dir: Path) -> list[dict]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(glob.glob(str(run_dir / "run-*.wandb"))[0]).read_bytes()
-    block, pos, buf, rows = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too short for a header: padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        buf += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST: a whole record
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            buf = b""
-            if rec.WhichOneof("record_type") == "history":
-                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
-    return rows
 
 
 def test_wandb_keys_grids_and_identical_training(tmp_path, reference_run, monkeypatch):
