@@ -18,6 +18,7 @@ from PIL import Image
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from components.errors import settings_check
 from components.personalized import concept_prompt
 from components.pixels import make_grid, to_uint8  # noqa: F401 - re-exported (callbacks.image_grid.make_grid)
 
@@ -78,6 +79,7 @@ class ImageGridLogger(L.Callback):
             render this grid.
     """
 
+    @settings_check  # a bad setting: one line from train.py, before training
     def __init__(self, num_prompts: int = 4, num_images: int = 2, num_steps: int = 25, guidance_scale: float = 7.5,
                  seed: int = 0, every_n_epochs: int = 1, sampler: str | dict = "concept", batch_size: int = 8,
                  defer: bool = True):

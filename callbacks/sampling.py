@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.image_grid import log_grid
 from components.pixels import make_grid, pil_to_tensor, to_uint8
 from components.compile import compiled_unet
+from components.errors import settings_check
 from metrics import DEFAULT_CLIP, DEFAULT_DINO, ConceptMetrics, ReferenceCache, load_clip_backbone, load_dino_backbone
 
 
@@ -157,6 +158,7 @@ class SamplerValidation(L.Callback):
         choose_seed: base seed of the choice's latents.
     """
 
+    @settings_check  # a bad setting: one line from train.py, before training
     def __init__(
         self,
         samplers: list = ("concept",),

@@ -15,6 +15,7 @@ errors too.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Callable, NoReturn, Sequence
@@ -39,6 +40,23 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""
+
+
+def settings_check(init: Callable) -> Callable:
+    """Decorate a constructor that validates a user's settings (a callback's in a config): a
+    ValueError it raises becomes a UserError with the same message, so train.py prints it as
+    one line instead of jsonargparse's traceback. The original stays chained (``--debug``)."""
+
+    @functools.wraps(init)
+    def checked(*args, **kwargs):
+        try:
+            return init(*args, **kwargs)
+        except UserError:
+            raise
+        except ValueError as err:
+            raise UserError(str(err)) from err
+
+    return checked
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

@@ -180,6 +180,28 @@ def test_concept_folder_and_dreambooth_subject_together_are_refused(workdir, mon
     assert Path(cli.datamodule.concept_dir).name == "my_concept" and cli.model.superclass == "cat"
 
 
+@pytest.mark.parametrize("edit, named", [
+    (("- {guidance_interval: [0, 25]}", "- {guidance_interval: [0, 99]}"), "choose.final_concept candidate"),
+    (("name: final_concept, guidance: 3.0}", "name: final_concept, guidance: 3.0, t_sw: 4}"), "unknown setting(s) t_sw"),
+])
+def test_a_bad_callback_setting_is_one_message_before_training(tmp_path, monkeypatch, capsys, edit, named):
+    """A mistake in a callback's settings (the quickstart's final score: a choose candidate
+    past num_steps, a setting the sampler does not take) is train.py's one message and exit
+    status 2, not jsonargparse's traceback; no run folder is made."""
+    from train import main
+
+    text = (ROOT / "configs" / "quickstart.yaml").read_text()
+    assert edit[0] in text
+    (tmp_path / "bad.yaml").write_text(text.replace(edit[0], edit[1]))
+    monkeypatch.chdir(ROOT)  # the config's miniworld/pretrained/... paths
+    args = ["fit", "--config", str(tmp_path / "bad.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(main, args, prog="train.py")
+    assert exit_info.value.code == 2
+    assert named in error_message(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 # -- outputs follow the run; another run's artifact is refused ---------------------------------
 
 #: a short CPU run of a layered config on the tiny preset
